@@ -1,0 +1,133 @@
+//! Virtio devices: the trait a device implements, its interrupt, and the virtio-mmio transport that
+//! puts it in front of the guest.
+//!
+//! A device is also an event-loop subscriber: once the driver activates it, it registers its queues'
+//! notification eventfds (which KVM signals through ioeventfd, with no VM exit to user space) and
+//! serves them on the VMM thread.
+
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use event_manager::MutEventSubscriber;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The device complies with virtio 1.x; a modern (version 2) MMIO transport requires it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest knows how to drive it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The guest gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bit: a used ring was updated.
+pub const INTERRUPT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration space changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// A device's interrupt: the status register the guest reads and acknowledges, and the irqfd that
+/// injects the interrupt.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: EventFd,
+    status: AtomicU32,
+}
+
+impl Interrupt {
+    /// An interrupt injected through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            irqfd,
+            status: AtomicU32::new(0),
+        }
+    }
+
+    fn signal(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// Tells the driver that a used ring moved.
+    pub fn signal_used_ring(&self) -> std::io::Result<()> {
+        self.signal(INTERRUPT_USED_RING)
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.signal(INTERRUPT_CONFIG)
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged `bits`.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Back to no pending interrupt (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A queue as the driver configured it, with the eventfd KVM signals when the driver notifies it.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    /// The queue.
+    pub queue: Queue,
+    /// Signalled on each driver notification.
+    pub notify: EventFd,
+}
+
+/// Why a device refused activation.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The device was given fewer queues than it needs, or unusable ones.
+    #[error("virtio device: queue {0} is not usable")]
+    BadQueue(usize),
+    /// The device's own set-up failed.
+    #[error("virtio device: {0}")]
+    Device(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: MutEventSubscriber + Send {
+    /// The virtio device ID (1 net, 2 block, 19 vsock, 26 fs, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (VIRTIO_F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// The subset the driver accepted, when it sets FEATURES_OK.
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space; out-of-range bytes stay as they are.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues` (one per entry of `queue_max_sizes`).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<DeviceQueue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: stop serving and forget the queues.
+    fn reset(&mut self);
+}
