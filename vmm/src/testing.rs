@@ -2,6 +2,9 @@
 //! VMM boots exactly as it boots a vmlinux. They run on any KVM host, including those whose /dev/kvm
 //! cannot run a Linux guest.
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
 /// Guest physical address where payloads are loaded and entered.
 pub const PAYLOAD_ADDR: u64 = 0x20_0000;
 
@@ -148,5 +151,62 @@ impl Asm {
     /// The machine code.
     pub fn finish(self) -> Vec<u8> {
         self.code
+    }
+}
+
+/// A serial console sink that tests can read back while the VM runs.
+#[derive(Clone, Default)]
+pub struct ConsoleBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for ConsoleBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        crate::devices::bus::lock(&self.0).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleBuffer {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        crate::devices::bus::lock(&self.0).clone()
+    }
+}
+
+/// What a VM could leave behind in this process: open fds, VMM threads (named `rund-*`), and
+/// mappings of guest RAM. Equal footprints before and after a VM mean it left nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProcessFootprint {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads named `rund-*` (vCPU and VMM threads); other threads come and go with the test harness.
+    pub vmm_threads: usize,
+    /// Mappings of a `rund-guest-ram` memfd.
+    pub guest_ram_maps: usize,
+}
+
+impl ProcessFootprint {
+    /// The footprint now.
+    pub fn now() -> std::io::Result<Self> {
+        let fds = std::fs::read_dir("/proc/self/fd")?.count();
+        let mut vmm_threads = 0;
+        for task in std::fs::read_dir("/proc/self/task")? {
+            // A thread may end between listing and reading.
+            if let Ok(name) = std::fs::read_to_string(task?.path().join("comm")) {
+                vmm_threads += usize::from(name.starts_with("rund-"));
+            }
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let guest_ram_maps = maps
+            .lines()
+            .filter(|l| l.contains("rund-guest-ram"))
+            .count();
+        Ok(ProcessFootprint {
+            fds,
+            vmm_threads,
+            guest_ram_maps,
+        })
     }
 }

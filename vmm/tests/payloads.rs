@@ -5,10 +5,10 @@
 //! Needs /dev/kvm; without it each test prints why and returns.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use vmm::testing::{tiny_elf, Asm, PAYLOAD_ADDR};
+use vmm::testing::{tiny_elf, Asm, ConsoleBuffer, ProcessFootprint, PAYLOAD_ADDR};
 use vmm::{SerialOutput, Vm, VmConfig, VmExit, VmHandle};
 
 /// fd, thread and mapping counts are process-wide: one VM test at a time.
@@ -22,61 +22,20 @@ fn kvm_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
     Some(SERIAL_TESTS.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-#[derive(Debug, PartialEq)]
-struct ProcessFootprint {
-    fds: usize,
-    threads: usize,
-    guest_ram_maps: usize,
-}
-
 fn footprint() -> ProcessFootprint {
-    let count = |dir: &str| std::fs::read_dir(dir).unwrap().count();
-    // Only the VMM's own threads: libtest starts and ends threads of other tests meanwhile.
-    let vmm_threads = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("rund-"))
-        .count();
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    ProcessFootprint {
-        fds: count("/proc/self/fd"),
-        threads: vmm_threads,
-        guest_ram_maps: maps
-            .lines()
-            .filter(|l| l.contains("rund-guest-ram"))
-            .count(),
-    }
-}
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
+    ProcessFootprint::now().unwrap()
 }
 
 struct Guest {
     handle: VmHandle,
-    console: Console,
+    console: ConsoleBuffer,
     _kernel: tempfile::NamedTempFile,
 }
 
 fn boot(code: &[u8], vcpus: u32) -> Guest {
     let mut kernel = tempfile::NamedTempFile::new().unwrap();
     kernel.write_all(&tiny_elf(PAYLOAD_ADDR, code)).unwrap();
-    let console = Console::default();
+    let console = ConsoleBuffer::default();
     let mut config = VmConfig::new(kernel.path());
     config.vcpus = vcpus;
     config.mem_mib = 32;
