@@ -1,0 +1,711 @@
+//! The pool: hands pre-made cgroups to sandboxes without a mkdir, takes them back, and falls back
+//! to making one (dry pool) or to the platform's parent (dictated `cgroupsPath`, a bypass).
+//!
+//! Claims are atomic across processes (one shim per pod shares one pool): on v1 a slot is claimed
+//! by renaming its directory in the lead hierarchy (kernfs refuses a rename onto an existing name
+//! and a rename of a missing one, so exactly one claimant wins); on v2 by an O_EXCL claim file in
+//! the state directory. The in-memory free list is only a hint of what is on disk.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use oci_spec::runtime::LinuxResources;
+
+use crate::cgroupfs::{self, CgroupFsError};
+use crate::config::{self, ConfigError, PoolConfig};
+use crate::handle::{log_ignored, SandboxCgroup};
+use crate::hierarchy::{CgroupDirs, CgroupVersion, Hierarchy, HierarchyError};
+use crate::limits::{self, copy_cpuset_from_parent, LimitsError};
+use crate::naming::{self, Marker};
+use crate::parent::{self, Parent, ParentError};
+use crate::reconcile::{self, ReconcileReport};
+use crate::resources::{Limits, ResourceError};
+use crate::sandbox_id::SandboxId;
+use crate::slots::{self, SlotError};
+use crate::state::{Placement, SandboxRecord, StateDir, StateError, TRIM_HOLDER};
+
+/// How many stale free-list entries an acquire skips before giving up (each skip means another
+/// process claimed that slot first).
+const MAX_CLAIM_ATTEMPTS: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("bad cgroup pool setting: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Hierarchy(#[from] HierarchyError),
+    #[error(transparent)]
+    Parent(#[from] ParentError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("bad sandbox resources: {0}")]
+    Resources(#[from] ResourceError),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    #[error(transparent)]
+    CgroupFs(#[from] CgroupFsError),
+    #[error("sandbox {0} already holds a cgroup")]
+    AlreadyHeld(SandboxId),
+    #[error("sandbox {0} holds no cgroup (no record in rund's state)")]
+    NotHeld(SandboxId),
+    #[error("sandbox {id}'s cgroup still has {count} task(s) (thread {example} among them); stop them before releasing it")]
+    Busy {
+        id: SandboxId,
+        count: usize,
+        example: u32,
+    },
+    #[error("the dictated parent cgroup {path} does not exist (the platform makes it before the sandbox)")]
+    DictatedParentMissing { path: PathBuf },
+    #[error("cgroup {path} already exists; rund will not take over a cgroup it did not make")]
+    DictatedExists { path: PathBuf },
+    #[error("sandbox {id}'s cgroup is a {found} cgroup but this pool uses {pool}")]
+    WrongVersion {
+        id: SandboxId,
+        found: CgroupVersion,
+        pool: CgroupVersion,
+    },
+    #[error("gave up claiming a pool slot after {0} attempts: other processes kept taking them")]
+    Contended(usize),
+}
+
+/// Counters since the pool started (this process only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Free slots this process knows of.
+    pub free: usize,
+    /// Acquires served from the pool (no mkdir).
+    pub acquired_from_pool: u64,
+    /// Acquires that found the pool dry and made a cgroup on the spot.
+    pub fallback_created: u64,
+    /// Acquires in a platform-dictated parent.
+    pub bypassed: u64,
+    pub released: u64,
+    /// Slots made by the refill (fallbacks not counted).
+    pub slots_created: u64,
+    /// Slots removed by the refill because releases overfilled the pool.
+    pub slots_trimmed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    acquired_from_pool: AtomicU64,
+    fallback_created: AtomicU64,
+    bypassed: AtomicU64,
+    released: AtomicU64,
+    slots_created: AtomicU64,
+    slots_trimmed: AtomicU64,
+}
+
+/// What the pool shares with its refill thread.
+#[derive(Debug)]
+pub(crate) struct PoolCore {
+    pub(crate) hierarchy: Hierarchy,
+    pub(crate) parent: Parent,
+    pub(crate) state: StateDir,
+    pub(crate) config: PoolConfig,
+    free: Mutex<Vec<String>>,
+    /// Wakes the refill thread (paired with `free`).
+    pub(crate) wake: Condvar,
+    pub(crate) stopping: AtomicBool,
+    seq: AtomicU64,
+    counters: Counters,
+    /// Slots the last reconcile found with tasks in them: never handed out until a later
+    /// reconcile finds them empty.
+    pub(crate) quarantine: Mutex<BTreeSet<String>>,
+}
+
+/// How a claim on one slot went.
+enum Claim {
+    Won(CgroupDirs),
+    /// Someone else has it (or it is gone): try another.
+    Lost,
+    /// The sandbox already has a cgroup under its name.
+    AlreadyHeld,
+}
+
+/// A pool of pre-made cgroups under rund's parent. Dropping it stops the refill thread; the
+/// cgroups stay (a restarted process adopts them, see [`CgroupPool::reconcile`]).
+#[derive(Debug)]
+pub struct CgroupPool {
+    core: Arc<PoolCore>,
+    refill: Option<JoinHandle<()>>,
+}
+
+impl CgroupPool {
+    /// Finds the hierarchy, makes rund's parent, reconciles what a previous process left (see
+    /// [`CgroupPool::reconcile`]; `is_alive` says whether a sandbox still exists), fills the pool
+    /// to its low watermark and starts the refill.
+    pub fn start(
+        config: PoolConfig,
+        is_alive: &dyn Fn(&SandboxId) -> bool,
+    ) -> Result<(CgroupPool, ReconcileReport), PoolError> {
+        let relative = config.validate()?;
+        let hierarchy = Hierarchy::resolve(config.version, config.mounts.as_deref())?;
+        let parent = parent::prepare_owned(&hierarchy, &relative)?;
+        let state = StateDir::open(&config.state_dir)?;
+        let core = Arc::new(PoolCore {
+            hierarchy,
+            parent,
+            state,
+            free: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            // Slot names are pool-<pid>-<seq>. A held v1 slot is named sandbox-<id> but keeps
+            // its slot name in its marker and gets it back on release, so a new name must not
+            // repeat an old one even when a pid is reused: start the counter at the clock.
+            seq: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64),
+            ),
+            counters: Counters::default(),
+            quarantine: Mutex::new(BTreeSet::new()),
+            config,
+        });
+        let report = reconcile::reconcile(&core, is_alive)?;
+        core.rescan()?;
+        core.fill_to(core.config.low_watermark)?;
+        let refill = if core.config.background_refill {
+            let c = Arc::clone(&core);
+            Some(
+                std::thread::Builder::new()
+                    .name("cgroup-pool-refill".into())
+                    .spawn(move || crate::refill::run(c))
+                    .map_err(|source| StateError::Dir {
+                        path: PathBuf::from("(refill thread)"),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        log::info!(
+            "cgroup-pool: {} pool under {} ({} free)",
+            core.hierarchy.version,
+            core.parent.relative.display(),
+            core.free_count()
+        );
+        Ok((CgroupPool { core, refill }, report))
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.core.hierarchy.version
+    }
+
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.core.hierarchy
+    }
+
+    /// rund's parent directory in each hierarchy.
+    pub fn parent_dirs(&self) -> Vec<PathBuf> {
+        self.core.parent.dirs(&self.core.hierarchy)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.core.state.root()
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.core.counters;
+        PoolStats {
+            free: self.core.free_count(),
+            acquired_from_pool: c.acquired_from_pool.load(Ordering::Relaxed),
+            fallback_created: c.fallback_created.load(Ordering::Relaxed),
+            bypassed: c.bypassed.load(Ordering::Relaxed),
+            released: c.released.load(Ordering::Relaxed),
+            slots_created: c.slots_created.load(Ordering::Relaxed),
+            slots_trimmed: c.slots_trimmed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes a pooled cgroup for `id` (no mkdir: a rename on v1, a claim file on v2), applies
+    /// `resources`, and records the holder. A dry pool makes one (counted, logged).
+    pub fn acquire(
+        &self,
+        id: &SandboxId,
+        resources: &LinuxResources,
+    ) -> Result<SandboxCgroup, PoolError> {
+        self.core.acquire(id, resources)
+    }
+
+    /// Makes `id`'s cgroup at the platform's `cgroups_path` (cgroupfs form, e.g.
+    /// `/kubepods/burstable/pod<uid>/<id>`) instead of taking one from the pool, so the pod's
+    /// accounting and limits stay right. Counted as a bypass and logged.
+    pub fn acquire_at(
+        &self,
+        id: &SandboxId,
+        cgroups_path: &str,
+        resources: &LinuxResources,
+    ) -> Result<SandboxCgroup, PoolError> {
+        self.core.acquire_at(id, cgroups_path, resources)
+    }
+
+    /// Gives `id`'s cgroup back: refused while it has tasks; limits reset; a pool slot returns to
+    /// the pool (renamed back on v1), a bypass cgroup is removed.
+    pub fn release(&self, id: &SandboxId) -> Result<(), PoolError> {
+        self.core.release(id)
+    }
+
+    /// `id`'s cgroup, from rund's state.
+    pub fn find(&self, id: &SandboxId) -> Result<Option<SandboxCgroup>, PoolError> {
+        let record = self.core.state.read_record(id)?;
+        Ok(record.map(SandboxCgroup::new))
+    }
+
+    /// Tops the pool up to its high watermark now, in this thread.
+    pub fn refill_now(&self) -> Result<(), PoolError> {
+        self.core.rescan()?;
+        self.core.fill_to(self.core.config.high_watermark)
+    }
+
+    /// Runs the crash recovery again (it runs at start): see [`crate::reconcile`].
+    pub fn reconcile(
+        &self,
+        is_alive: &dyn Fn(&SandboxId) -> bool,
+    ) -> Result<ReconcileReport, PoolError> {
+        let report = reconcile::reconcile(&self.core, is_alive)?;
+        self.core.rescan()?;
+        Ok(report)
+    }
+
+    /// Stops the refill and removes every free slot, then rund's parent directories if they are
+    /// empty and rund made them. Held cgroups are left alone (their parent then stays).
+    pub fn drain(mut self) -> Result<(), PoolError> {
+        self.stop_refill();
+        let _lock = self.core.state.lock_exclusive()?;
+        let mut free = slots::scan_free(&self.core.hierarchy, &self.core.parent, &self.core.state)?;
+        {
+            let quarantine = self
+                .core
+                .quarantine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            free.retain(|s| !quarantine.contains(s));
+        }
+        for slot in free {
+            self.core.remove_slot(&slot)?;
+        }
+        self.core.lock_free().clear();
+        if let Some(e) = parent::remove_owned(&self.core.hierarchy, &self.core.parent.relative)
+            .into_iter()
+            .next()
+        {
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn stop_refill(&mut self) {
+        self.core.stopping.store(true, Ordering::SeqCst);
+        self.core.wake.notify_all();
+        if let Some(handle) = self.refill.take() {
+            if handle.join().is_err() {
+                log::error!("cgroup-pool: the refill thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for CgroupPool {
+    fn drop(&mut self) {
+        self.stop_refill();
+    }
+}
+
+impl PoolCore {
+    pub(crate) fn lock_free(&self) -> MutexGuard<'_, Vec<String>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent: keep going.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn free_count(&self) -> usize {
+        self.lock_free().len()
+    }
+
+    fn next_slot_name(&self) -> String {
+        naming::slot_name(std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Makes a new slot. Names are unique per process, but a pid can be reused (or a process can
+    /// start a second pool): a name already taken is skipped.
+    fn make_slot(&self) -> Result<String, PoolError> {
+        loop {
+            let name = self.next_slot_name();
+            match slots::create(&self.hierarchy, &self.parent, &name) {
+                Ok(()) => return Ok(name),
+                Err(SlotError::Make { source, .. })
+                    if cgroupfs::is_already_exists(&source)
+                        && matches!(source, CgroupFsError::Mkdir { .. }) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Replaces the free-list hint with what is on disk.
+    pub(crate) fn rescan(&self) -> Result<(), PoolError> {
+        let _lock = self.state.lock_shared()?;
+        let mut on_disk = slots::scan_free(&self.hierarchy, &self.parent, &self.state)?;
+        {
+            let quarantine = self.quarantine.lock().unwrap_or_else(|p| p.into_inner());
+            on_disk.retain(|s| !quarantine.contains(s));
+        }
+        *self.lock_free() = on_disk;
+        Ok(())
+    }
+
+    /// Makes slots until `target` are free.
+    pub(crate) fn fill_to(&self, target: usize) -> Result<(), PoolError> {
+        while self.free_count() < target && !self.stopping.load(Ordering::Relaxed) {
+            let _lock = self.state.lock_shared()?;
+            let name = self.make_slot()?;
+            self.counters.slots_created.fetch_add(1, Ordering::Relaxed);
+            self.lock_free().push(name);
+        }
+        Ok(())
+    }
+
+    /// Removes free slots until at most `target` are free.
+    pub(crate) fn trim_to(&self, target: usize) -> Result<(), PoolError> {
+        loop {
+            let slot = {
+                let mut free = self.lock_free();
+                if free.len() <= target {
+                    return Ok(());
+                }
+                // The oldest entries first: the newest are the warmest to reuse.
+                free.remove(0)
+            };
+            let _lock = self.state.lock_shared()?;
+            if self.remove_slot(&slot)? {
+                self.counters.slots_trimmed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes one free slot, owning it first (v1: the lead rmdir; v2: a claim).
+    /// `Ok(false)`: another process had taken it.
+    fn remove_slot(&self, slot: &str) -> Result<bool, PoolError> {
+        match self.hierarchy.version {
+            CgroupVersion::V1 => Ok(slots::remove(&self.hierarchy, &self.parent, slot)?),
+            CgroupVersion::V2 => {
+                if !self.state.claim_slot(slot, TRIM_HOLDER)? {
+                    return Ok(false);
+                }
+                let removed = slots::remove(&self.hierarchy, &self.parent, slot);
+                self.state.unclaim_slot(slot)?;
+                Ok(removed?)
+            }
+        }
+    }
+
+    /// Pops a free-slot hint; wakes the refill when the pool runs low.
+    fn pop_free(&self) -> Option<String> {
+        let mut free = self.lock_free();
+        let slot = free.pop();
+        if free.len() < self.config.low_watermark {
+            self.wake.notify_one();
+        }
+        slot
+    }
+
+    fn push_free(&self, slot: String) {
+        let mut free = self.lock_free();
+        free.push(slot);
+        if free.len() > self.config.high_watermark {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The controllers a limit needs must exist before anything is claimed.
+    fn check_controllers(
+        &self,
+        limits: &Limits,
+        child_controllers: &[String],
+    ) -> Result<(), PoolError> {
+        for controller in limits.controllers() {
+            let available = match self.hierarchy.version {
+                CgroupVersion::V1 => self
+                    .hierarchy
+                    .mounts
+                    .iter()
+                    .any(|m| m.controllers.iter().any(|c| c == controller)),
+                CgroupVersion::V2 => child_controllers.iter().any(|c| c == controller),
+            };
+            if !available {
+                return Err(LimitsError::MissingController {
+                    controller,
+                    version: self.hierarchy.version,
+                    path: self
+                        .hierarchy
+                        .mounts
+                        .first()
+                        .map(|m| m.mount_point.join(&self.parent.relative))
+                        .unwrap_or_default(),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn acquire(
+        &self,
+        id: &SandboxId,
+        resources: &LinuxResources,
+    ) -> Result<SandboxCgroup, PoolError> {
+        let limits = Limits::from_oci(resources, self.hierarchy.version)?;
+        self.check_controllers(&limits, &self.parent.child_controllers)?;
+        log_ignored(id, &limits);
+        let _lock = self.state.lock_shared()?;
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let (slot, fallback) = match self.pop_free() {
+                Some(slot) => (slot, false),
+                None => (self.make_fallback_slot()?, true),
+            };
+            let dirs = match self.claim(&slot, id)? {
+                Claim::Won(dirs) => dirs,
+                Claim::Lost => continue,
+                Claim::AlreadyHeld => {
+                    self.push_free(slot);
+                    return Err(PoolError::AlreadyHeld(id.clone()));
+                }
+            };
+            let record = SandboxRecord {
+                sandbox_id: id.clone(),
+                placement: Placement::Pool { slot: slot.clone() },
+                dirs,
+            };
+            if let Err(e) = self.state.create_record(&record) {
+                self.unclaim(&slot, &record.dirs)?;
+                self.push_free(slot);
+                return Err(match e {
+                    StateError::AlreadyRecorded(id) => PoolError::AlreadyHeld(id),
+                    e => e.into(),
+                });
+            }
+            if let Err(e) = limits::apply(&record.dirs, &limits) {
+                // Put the slot back as it was; the limit error is what the caller needs to see.
+                let _ = limits::reset(&record.dirs);
+                self.unclaim(&slot, &record.dirs)?;
+                self.state.remove_record(id)?;
+                self.push_free(slot);
+                return Err(e.into());
+            }
+            if !fallback {
+                self.counters
+                    .acquired_from_pool
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(SandboxCgroup::new(record));
+        }
+        Err(PoolError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
+
+    /// The pool is dry: make a slot on the start path (what the pool exists to avoid).
+    fn make_fallback_slot(&self) -> Result<String, PoolError> {
+        let name = self.make_slot()?;
+        let n = self
+            .counters
+            .fallback_created
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        log::warn!(
+            "cgroup-pool: pool dry, made cgroup {name} on the start path (fallback #{n}); raise the low watermark if this repeats"
+        );
+        self.wake.notify_one();
+        Ok(name)
+    }
+
+    fn claim(&self, slot: &str, id: &SandboxId) -> Result<Claim, PoolError> {
+        let dirs = self.parent.child_dirs(&self.hierarchy, slot);
+        match self.hierarchy.version {
+            CgroupVersion::V1 => {
+                let target = naming::sandbox_dir_name(id);
+                let renamed = dirs.renamed(&target);
+                // The lead rename is the claim.
+                if let Err(e) = cgroupfs::rename(&dirs.dirs[0].path, &renamed.dirs[0].path) {
+                    if cgroupfs::is_not_found(&e) {
+                        return Ok(Claim::Lost);
+                    }
+                    if cgroupfs::is_already_exists(&e) {
+                        return Ok(Claim::AlreadyHeld);
+                    }
+                    return Err(e.into());
+                }
+                for i in 1..dirs.dirs.len() {
+                    if let Err(e) = cgroupfs::rename(&dirs.dirs[i].path, &renamed.dirs[i].path) {
+                        // Undo in reverse, lead last (it publishes the slot as free again).
+                        for j in (0..i).rev() {
+                            let _ = cgroupfs::rename(&renamed.dirs[j].path, &dirs.dirs[j].path);
+                        }
+                        return Err(e.into());
+                    }
+                }
+                Ok(Claim::Won(renamed))
+            }
+            CgroupVersion::V2 => {
+                if !self.state.claim_slot(slot, id.as_str())? {
+                    return Ok(Claim::Lost);
+                }
+                // A slot trimmed after our scan: its claim file is gone but so is the directory.
+                if !dirs.dirs[0].path.exists() {
+                    self.state.unclaim_slot(slot)?;
+                    return Ok(Claim::Lost);
+                }
+                Ok(Claim::Won(dirs))
+            }
+        }
+    }
+
+    /// Returns a claimed slot to the free state: renames back on v1 (lead last), drops the claim
+    /// on v2.
+    pub(crate) fn unclaim(&self, slot: &str, held: &CgroupDirs) -> Result<(), PoolError> {
+        match self.hierarchy.version {
+            CgroupVersion::V1 => {
+                let free = held.renamed(slot);
+                for i in (1..held.dirs.len()).chain(std::iter::once(0)) {
+                    cgroupfs::rename(&held.dirs[i].path, &free.dirs[i].path)?;
+                }
+            }
+            CgroupVersion::V2 => self.state.unclaim_slot(slot)?,
+        }
+        Ok(())
+    }
+
+    fn acquire_at(
+        &self,
+        id: &SandboxId,
+        cgroups_path: &str,
+        resources: &LinuxResources,
+    ) -> Result<SandboxCgroup, PoolError> {
+        let relative = config::cgroup_relative_path(cgroups_path)?;
+        let limits = Limits::from_oci(resources, self.hierarchy.version)?;
+        let parent_rel = relative.parent().unwrap_or(Path::new("")).to_path_buf();
+        for m in &self.hierarchy.mounts {
+            let p = m.mount_point.join(&parent_rel);
+            if !p.is_dir() {
+                return Err(PoolError::DictatedParentMissing { path: p });
+            }
+        }
+        // The platform owns that tree: read what its parent enables, change nothing there.
+        let parent = parent::existing(&self.hierarchy, &parent_rel, false)?;
+        self.check_controllers(&limits, &parent.child_controllers)?;
+        log_ignored(id, &limits);
+        let _lock = self.state.lock_shared()?;
+        let dirs = self.hierarchy.dirs_of(&relative, &parent.child_controllers);
+        let record = SandboxRecord {
+            sandbox_id: id.clone(),
+            placement: Placement::Dictated {
+                path: relative.clone(),
+            },
+            dirs,
+        };
+        self.state.create_record(&record).map_err(|e| match e {
+            StateError::AlreadyRecorded(id) => PoolError::AlreadyHeld(id),
+            e => e.into(),
+        })?;
+        let made = self.make_dictated(id, &record.dirs);
+        let result = made.and_then(|()| Ok(limits::apply(&record.dirs, &limits)?));
+        if let Err(e) = result {
+            for d in record.dirs.dirs.iter().rev() {
+                if let Ok(Some(Marker::Bypass(owner))) = cgroupfs::read_marker(&d.path) {
+                    if &owner == id {
+                        let _ = cgroupfs::rmdir(&d.path);
+                    }
+                }
+            }
+            self.state.remove_record(id)?;
+            return Err(e);
+        }
+        let n = self.counters.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
+        log::info!(
+            "cgroup-pool: sandbox {id} placed in the platform's cgroup {} (pool bypass #{n}); set rund's parent in the platform to use the pool",
+            relative.display()
+        );
+        Ok(SandboxCgroup::new(record))
+    }
+
+    fn make_dictated(&self, id: &SandboxId, dirs: &CgroupDirs) -> Result<(), PoolError> {
+        for d in &dirs.dirs {
+            if let Err(e) = cgroupfs::mkdir(&d.path) {
+                if cgroupfs::is_already_exists(&e) {
+                    return Err(PoolError::DictatedExists {
+                        path: d.path.clone(),
+                    });
+                }
+                return Err(e.into());
+            }
+            cgroupfs::set_marker(&d.path, &Marker::Bypass(id.clone()))?;
+            if self.hierarchy.version == CgroupVersion::V1
+                && d.controllers.iter().any(|c| c == "cpuset")
+            {
+                copy_cpuset_from_parent(&d.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, id: &SandboxId) -> Result<(), PoolError> {
+        let _lock = self.state.lock_shared()?;
+        let record = self
+            .state
+            .read_record(id)?
+            .ok_or_else(|| PoolError::NotHeld(id.clone()))?;
+        if record.version() != self.hierarchy.version {
+            return Err(PoolError::WrongVersion {
+                id: id.clone(),
+                found: record.version(),
+                pool: self.hierarchy.version,
+            });
+        }
+        let threads = record.dirs.threads()?;
+        if let Some(&example) = threads.first() {
+            return Err(PoolError::Busy {
+                id: id.clone(),
+                count: threads.len(),
+                example,
+            });
+        }
+        match &record.placement {
+            Placement::Pool { slot } => {
+                limits::reset(&record.dirs)?;
+                limits::scrub_for_reuse(&record.dirs);
+                match self.hierarchy.version {
+                    // Rename back first, then drop the record: a crash in between leaves a
+                    // free slot and a stale record, which reconcile removes.
+                    CgroupVersion::V1 => {
+                        self.unclaim(slot, &record.dirs)?;
+                        self.state.remove_record(id)?;
+                    }
+                    // Drop the record first, then the claim: a crash in between leaves a
+                    // claim without record, which reconcile frees.
+                    CgroupVersion::V2 => {
+                        self.state.remove_record(id)?;
+                        self.unclaim(slot, &record.dirs)?;
+                    }
+                }
+                self.push_free(slot.clone());
+            }
+            Placement::Dictated { .. } => {
+                for d in record.dirs.dirs.iter().rev() {
+                    match cgroupfs::rmdir(&d.path) {
+                        Ok(()) => {}
+                        Err(e) if cgroupfs::is_not_found(&e) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.state.remove_record(id)?;
+            }
+        }
+        self.counters.released.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
