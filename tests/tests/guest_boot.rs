@@ -23,7 +23,7 @@ fn boots_and_reports(test: &str, kernel: GuestKernel, vcpus: u32, mem_mib: u32) 
 
     let before = ProcessFootprint::now().unwrap();
     let boot = boot_with_retry(&kernel, &initrd, vcpus, mem_mib).unwrap();
-    let after = ProcessFootprint::now().unwrap();
+    let after = ProcessFootprint::settled_to(&before).unwrap();
 
     let marker = boot.marker.unwrap_or_else(|| {
         panic!(

@@ -209,4 +209,18 @@ impl ProcessFootprint {
             guest_ram_maps,
         })
     }
+
+    /// The footprint once it equals `expected`, or as it is after a second. A joined thread can
+    /// still be listed in /proc for a moment: join returns when the kernel clears the thread's tid,
+    /// a little before the task is reaped.
+    pub fn settled_to(expected: &ProcessFootprint) -> std::io::Result<Self> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let now = Self::now()?;
+            if now == *expected || std::time::Instant::now() >= deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }

@@ -26,6 +26,10 @@ fn footprint() -> ProcessFootprint {
     ProcessFootprint::now().unwrap()
 }
 
+fn footprint_after(before: &ProcessFootprint) -> ProcessFootprint {
+    ProcessFootprint::settled_to(before).unwrap()
+}
+
 struct Guest {
     handle: VmHandle,
     console: ConsoleBuffer,
@@ -65,7 +69,11 @@ fn wait(mut g: Guest) -> (VmExit, Vec<u8>) {
 fn run_and_check_leaks(code: &[u8], vcpus: u32) -> (VmExit, Vec<u8>) {
     let before = footprint();
     let result = wait(boot(code, vcpus));
-    assert_eq!(footprint(), before, "the VM left something behind");
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the VM left something behind"
+    );
     result
 }
 
@@ -146,7 +154,11 @@ fn a_halted_guest_is_stopped_by_the_host() {
     let (exit, out) = wait(g);
     assert_eq!(exit, VmExit::HostRequest);
     assert_eq!(out, b"halt");
-    assert_eq!(footprint(), before, "the VM left something behind");
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the VM left something behind"
+    );
 }
 
 #[test]
@@ -188,7 +200,11 @@ fn pause_save_restore_resume() {
     let (exit, out) = wait(g);
     assert_eq!(exit, VmExit::HostRequest);
     assert_eq!(out, b"spin");
-    assert_eq!(footprint(), before, "the VM left something behind");
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the VM left something behind"
+    );
 }
 
 #[test]
@@ -250,5 +266,5 @@ fn bad_configs_fail_before_any_vm_exists() {
         .unwrap()
         .to_string()
         .starts_with("vcpus: 100000"));
-    assert_eq!(footprint(), before);
+    assert_eq!(footprint_after(&before), before);
 }

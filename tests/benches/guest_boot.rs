@@ -1,0 +1,205 @@
+//! In a KVM that runs Linux guests (the testbed): (b) VMM start to the guest init's marker, the
+//! condensed kernel against Debian's stock kernel, same VMM, same run, interleaved; (d) the memory of
+//! the `rund-vmm` process running the condensed kernel, guest RAM left out.
+//!
+//! Environment: RUND_GUEST_KERNEL_DIR, RUND_STOCK_KERNEL (as for the guest tests), RUND_VMM_BIN (the
+//! rund-vmm binary), RUND_BENCH_RUNS (boots per kernel, default 5).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rund_tests::initramfs::{write_busybox_initramfs, BUSYBOX, MARKER_INIT};
+use rund_tests::{boot_once, GuestKernel, GUEST_CMDLINE, MARKER};
+
+/// Prints the marker, then stays up long enough to be measured.
+const MARKER_THEN_IDLE_INIT: &str = "#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+echo \"RUND-MARKER nproc=$(/bin/busybox nproc) $(/bin/busybox grep MemTotal /proc/meminfo)\"
+/bin/busybox sleep 3
+/bin/busybox reboot -f
+";
+
+fn median(v: &mut [Duration]) -> Option<Duration> {
+    v.sort();
+    v.get(v.len() / 2).copied()
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("n/a".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn boot_times(initrd: &Path, runs: usize) -> (Vec<Duration>, Vec<Duration>, usize) {
+    let condensed = GuestKernel::CondensedElf.path().expect("condensed kernel");
+    let stock = GuestKernel::Stock.path().expect("stock kernel");
+    let (mut c, mut s, mut failed) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..runs {
+        for (kernel, out) in [(&condensed, &mut c), (&stock, &mut s)] {
+            match boot_once(kernel, initrd, 1, 256) {
+                Ok(b) if b.to_marker.is_some() => out.extend(b.to_marker),
+                Ok(b) => {
+                    failed += 1;
+                    eprintln!(
+                        "boot of {} ended ({}) before its marker",
+                        kernel.display(),
+                        b.exit
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("boot of {} failed: {e}", kernel.display());
+                }
+            }
+        }
+    }
+    (c, s, failed)
+}
+
+/// Rss and Pss in KiB of the whole process and of its guest-RAM mapping.
+#[derive(Debug, Default)]
+struct Smaps {
+    rss: u64,
+    pss: u64,
+    guest_rss: u64,
+    guest_pss: u64,
+}
+
+fn smaps(pid: u32) -> std::io::Result<Smaps> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut s = Smaps::default();
+    let mut in_guest = false;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            in_guest = line.contains("rund-guest-ram");
+            continue;
+        }
+        let kib: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => {
+                s.rss += kib;
+                if in_guest {
+                    s.guest_rss += kib;
+                }
+            }
+            "Pss:" => {
+                s.pss += kib;
+                if in_guest {
+                    s.guest_pss += kib;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+fn vmm_memory(vmm_bin: &Path, initrd: &Path, dir: &Path) -> Result<Smaps, String> {
+    let kernel = GuestKernel::CondensedElf.path()?;
+    let console = dir.join("console.log");
+    let mut child = Command::new(vmm_bin)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--mem-mib", "256", "--cmdline", GUEST_CMDLINE, "--serial"])
+        .arg(&console)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", vmm_bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let result = loop {
+        let seen = std::fs::read_to_string(&console).unwrap_or_default();
+        if seen.contains(MARKER) {
+            break smaps(child.id()).map_err(|e| e.to_string());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!(
+                "rund-vmm ended ({status}) before the marker:\n{seen}"
+            ));
+        }
+        if Instant::now() > deadline {
+            break Err("no marker after 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.wait();
+    result
+}
+
+fn size(p: &Path) -> String {
+    std::fs::metadata(p).map_or("n/a".into(), |m| {
+        format!("{:.2} MiB", m.len() as f64 / (1 << 20) as f64)
+    })
+}
+
+fn main() {
+    let runs: usize = std::env::var("RUND_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let initrd = dir.path().join("initrd.cpio");
+    write_busybox_initramfs(BUSYBOX.as_ref(), MARKER_INIT, &initrd).expect("initramfs");
+
+    let (mut c, mut s, failed) = boot_times(&initrd, runs);
+    let (cm, sm) = (median(&mut c), median(&mut s));
+    println!("bench-boot (b): VMM start to the guest's init marker, 1 vCPU, 256 MiB, {runs} boots each, interleaved");
+    println!(
+        "  condensed vmlinux   median {}   all: {:?}",
+        secs(cm),
+        c.iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "  stock bzImage       median {}   all: {:?}",
+        secs(sm),
+        s.iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+    );
+    if let (Some(cm), Some(sm)) = (cm, sm) {
+        println!(
+            "  ratio stock/condensed: {:.2}x   (target: at least 3x)",
+            sm.as_secs_f64() / cm.as_secs_f64()
+        );
+    }
+    if failed > 0 {
+        println!("  boots that failed before the marker: {failed}");
+    }
+
+    let stock = GuestKernel::Stock.path().unwrap_or_default();
+    let kdir = PathBuf::from(std::env::var_os("RUND_GUEST_KERNEL_DIR").unwrap_or_default());
+    println!("bench-boot (c): kernel sizes");
+    println!(
+        "  condensed vmlinux {}   bzImage {}",
+        size(&kdir.join("vmlinux")),
+        size(&kdir.join("bzImage"))
+    );
+    println!("  stock bzImage     {}", size(&stock));
+
+    let idle_initrd = dir.path().join("idle.cpio");
+    write_busybox_initramfs(BUSYBOX.as_ref(), MARKER_THEN_IDLE_INIT, &idle_initrd)
+        .expect("initramfs");
+    let vmm_bin =
+        PathBuf::from(std::env::var_os("RUND_VMM_BIN").unwrap_or_else(|| "rund-vmm".into()));
+    println!("bench-boot (d): rund-vmm process memory with the condensed kernel at its init, 256 MiB guest");
+    match vmm_memory(&vmm_bin, &idle_initrd, dir.path()) {
+        Ok(m) => {
+            println!(
+                "  VMM without guest RAM: Rss {:.2} MiB, Pss {:.2} MiB   (target: under 5 MiB)",
+                (m.rss - m.guest_rss) as f64 / 1024.0,
+                (m.pss - m.guest_pss) as f64 / 1024.0
+            );
+            println!(
+                "  with guest RAM:        Rss {:.2} MiB, Pss {:.2} MiB (guest touched {:.2} MiB)",
+                m.rss as f64 / 1024.0,
+                m.pss as f64 / 1024.0,
+                m.guest_rss as f64 / 1024.0
+            );
+        }
+        Err(e) => println!("  not measured: {e}"),
+    }
+}
