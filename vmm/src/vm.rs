@@ -6,6 +6,7 @@
 //! and owns the VM: when the VM ends it stops and joins the vCPUs and closes everything, so that after
 //! [`VmHandle::wait`] no fd, thread or mapping of the VM remains in the process.
 
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -396,7 +397,7 @@ struct Wakeup {
 impl MutEventSubscriber for Wakeup {
     fn process(&mut self, events: Events, _: &mut EventOps) {
         // Reading resets the counter; the value is not needed.
-        if events.fd() == self.commands.as_raw_fd_i32() {
+        if events.fd() == self.commands.as_raw_fd() {
             let _ = self.commands.read();
         } else {
             let _ = self.exit.eventfd().read();
@@ -409,15 +410,6 @@ impl MutEventSubscriber for Wakeup {
                 log::error!("VMM event loop: cannot watch an eventfd: {e:?}");
             }
         }
-    }
-}
-
-trait AsRawFdI32 {
-    fn as_raw_fd_i32(&self) -> i32;
-}
-impl AsRawFdI32 for EventFd {
-    fn as_raw_fd_i32(&self) -> i32 {
-        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 
