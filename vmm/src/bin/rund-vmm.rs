@@ -1,9 +1,13 @@
 //! `rund-vmm`: boots a kernel in a microVM from the command line, or checks whether this host can.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::sync::{Arc, Mutex};
+
 use clap::{Parser, Subcommand};
+use vmm::config::VirtioDeviceHandle;
+use vmm::devices::virtio::block::Block;
 use vmm::host_check::check_host;
 use vmm::{SerialOutput, Vm, VmConfig, VmExit};
 
@@ -51,6 +55,19 @@ struct RunArgs {
     /// Where the serial console goes: `stdout`, `none`, or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// A virtio-blk disk backed by FILE; `,ro` makes it read-only. Repeatable: /dev/vda, vdb, ...
+    #[arg(long = "blk", value_name = "FILE[,ro]")]
+    blk: Vec<String>,
+}
+
+/// `FILE` or `FILE,ro` (a path that itself ends in ",ro" cannot be given).
+fn block_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
+    let (path, ro) = match spec.strip_suffix(",ro") {
+        Some(path) => (path, true),
+        None => (spec, false),
+    };
+    let dev = Block::new(Path::new(path), ro).map_err(|e| error_chain(&e))?;
+    Ok(Arc::new(Mutex::new(dev)))
 }
 
 fn serial_output(spec: &str) -> SerialOutput {
@@ -70,6 +87,11 @@ fn run(args: RunArgs) -> Result<VmExit, String> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.serial = serial_output(&args.serial);
+    config.devices = args
+        .blk
+        .iter()
+        .map(|spec| block_device(spec))
+        .collect::<Result<_, _>>()?;
     let vm = Vm::new(config).map_err(|e| error_chain(&e))?;
     let handle = vm.start().map_err(|e| error_chain(&e))?;
     Ok(handle.wait())

@@ -5,6 +5,7 @@
 //! notification eventfds (which KVM signals through ioeventfd, with no VM exit to user space) and
 //! serves them on the VMM thread.
 
+pub mod block;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
