@@ -165,6 +165,13 @@ fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
 }
 
+/// A missing prerequisite: fails the test when `var=1` requires it, otherwise prints the skip.
+fn skip_unless_required<T>(var: &str, reason: &str) -> Option<T> {
+    assert!(!required(var), "{var}=1: {reason}");
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
 /// The v1 controller hierarchies, or `None` (skip) on a host without them; with
 /// `RUND_REQUIRE_CGROUP_V1=1` their absence fails the test instead.
 pub fn v1_mounts() -> Option<Vec<PathBuf>> {
@@ -177,13 +184,10 @@ pub fn v1_mounts() -> Option<Vec<PathBuf>> {
         .map(|m| m.mount_point)
         .collect();
     if mounts.is_empty() {
-        let msg = "no cgroup v1 controller hierarchy is mounted under /sys/fs/cgroup";
-        assert!(
-            !required("RUND_REQUIRE_CGROUP_V1"),
-            "RUND_REQUIRE_CGROUP_V1=1: {msg}"
+        return skip_unless_required(
+            "RUND_REQUIRE_CGROUP_V1",
+            "no cgroup v1 controller hierarchy is mounted under /sys/fs/cgroup",
         );
-        eprintln!("SKIPPED: {msg}");
-        return None;
     }
     Some(mounts)
 }
@@ -203,12 +207,7 @@ pub fn v1_mounts_with(needed: &[&str]) -> Option<Vec<PathBuf>> {
         .collect();
     if !missing.is_empty() {
         let msg = format!("cgroup v1 controllers {missing:?} are not mounted");
-        assert!(
-            !required("RUND_REQUIRE_CGROUP_V1"),
-            "RUND_REQUIRE_CGROUP_V1=1: {msg}"
-        );
-        eprintln!("SKIPPED: {msg}");
-        return None;
+        return skip_unless_required("RUND_REQUIRE_CGROUP_V1", &msg);
     }
     Some(mounts)
 }
@@ -246,12 +245,7 @@ pub fn v2_mount_with(needed: &[&str]) -> Option<PathBuf> {
         }
     };
     if let Some(reason) = reason {
-        assert!(
-            !required("RUND_REQUIRE_CGROUP_V2"),
-            "RUND_REQUIRE_CGROUP_V2=1: {reason}"
-        );
-        eprintln!("SKIPPED: {reason}");
-        return None;
+        return skip_unless_required("RUND_REQUIRE_CGROUP_V2", &reason);
     }
     chosen
 }
