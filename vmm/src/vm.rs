@@ -531,7 +531,12 @@ impl VmRuntime {
             ],
             pit: self.vm_fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
             clock: self.vm_fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
-            transports: self.transports.iter().map(|t| lock(t).state()).collect(),
+            transports: self
+                .transports
+                .iter()
+                .map(|t| lock(t).state())
+                .collect::<Result<_, _>>()
+                .map_err(|e| VmError::State(e.to_string()))?,
         })
     }
 
@@ -563,6 +568,11 @@ impl VmRuntime {
             self.vm_fd
                 .set_irqchip(chip)
                 .map_err(kvm("KVM_SET_IRQCHIP"))?;
+        }
+        for (i, (transport, saved)) in self.transports.iter().zip(&state.transports).enumerate() {
+            lock(transport)
+                .restore(saved)
+                .map_err(|e| VmError::State(format!("virtio device {i}: {e}")))?;
         }
         self.control
             .restore_states(state.vcpus)

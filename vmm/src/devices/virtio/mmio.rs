@@ -12,7 +12,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, DeviceQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    status, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use crate::devices::bus::{lock, BusDevice};
 
 /// "virt"
@@ -54,9 +57,12 @@ pub mod reg {
 /// Size of the register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
-/// The transport's registers, as a snapshot reads them out and puts them back.
+/// A device behind its transport, as a snapshot reads it out and puts it back: the registers,
+/// the queues (their live positions once the device is activated) and the device's own part.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioTransportState {
+    /// The virtio device ID, so that a state is never put back into another kind of device.
+    pub device_type: u32,
     /// DeviceFeaturesSel.
     pub device_features_sel: u32,
     /// DriverFeaturesSel.
@@ -71,23 +77,12 @@ pub struct MmioTransportState {
     pub config_generation: u32,
     /// InterruptStatus.
     pub interrupt_status: u32,
-    /// Each queue's configuration.
-    pub queues: Vec<QueueConfig>,
-}
-
-/// One queue's registers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueConfig {
-    /// QueueNum.
-    pub size: u16,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Driver (available) ring address.
-    pub avail_ring: u64,
-    /// Device (used) ring address.
-    pub used_ring: u64,
+    /// Whether the device was activated (serving its queues).
+    pub activated: bool,
+    /// Each queue.
+    pub queues: Vec<QueueSnapshot>,
+    /// The device's own part ([`VirtioDevice::save_state`]).
+    pub device: serde_json::Value,
 }
 
 /// Errors making a transport.
@@ -159,9 +154,20 @@ impl MmioTransport {
         self.status
     }
 
-    /// The registers, for a snapshot.
-    pub fn state(&self) -> MmioTransportState {
-        MmioTransportState {
+    /// The device and its registers, for a snapshot; read while the VM is paused.
+    pub fn state(&self) -> Result<MmioTransportState, DeviceStateError> {
+        let device = lock(&self.device);
+        // Once activated, the device owns the queues and only it knows how far they moved.
+        let queues = if self.activated {
+            device.queue_states()
+        } else {
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        };
+        Ok(MmioTransportState {
+            device_type: device.device_type(),
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             acked_features: self.acked_features,
@@ -169,18 +175,96 @@ impl MmioTransport {
             status: self.status,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueConfig {
-                    size: q.size(),
-                    ready: q.ready(),
-                    desc_table: q.desc_table(),
-                    avail_ring: q.avail_ring(),
-                    used_ring: q.used_ring(),
-                })
-                .collect(),
+            activated: self.activated,
+            queues,
+            device: device.save_state()?,
+        })
+    }
+
+    /// Puts back a [`Self::state`] read from a transport in front of the same kind of device: the
+    /// registers, the device's own part, and, if it was serving, the device activated with the
+    /// saved queue positions. The transport checks its part before anything changes; if the
+    /// device then refuses its own part, the transport is left reset.
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), DeviceStateError> {
+        let device_type = lock(&self.device).device_type();
+        if state.device_type != device_type {
+            return Err(DeviceStateError::Mismatch(format!(
+                "state of virtio device type {}, device is type {device_type}",
+                state.device_type
+            )));
         }
+        if state.queues.len() != self.queues.len() {
+            return Err(DeviceStateError::Mismatch(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if state.acked_features & !self.offered_features() != 0 {
+            return Err(DeviceStateError::Mismatch(format!(
+                "features {:#x} were acked, the device offers {:#x}",
+                state.acked_features,
+                self.offered_features()
+            )));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (saved, current)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != current.max_size() {
+                return Err(DeviceStateError::Mismatch(format!(
+                    "queue {i} had maximum size {}, the device offers {}",
+                    saved.max_size,
+                    current.max_size()
+                )));
+            }
+            let queue = Queue::try_from(*saved)
+                .map_err(|e| DeviceStateError::Mismatch(format!("queue {i}: {e}")))?;
+            if state.activated && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(DeviceStateError::Mismatch(format!(
+                    "queue {i} does not fit guest memory"
+                )));
+            }
+            queues.push(queue);
+        }
+        let serving =
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        if state.activated && state.status & serving != serving {
+            return Err(DeviceStateError::Mismatch(format!(
+                "activated with status {:#x}",
+                state.status
+            )));
+        }
+
+        self.reset();
+        let mut device = lock(&self.device);
+        device.restore_state(&state.device)?;
+        if state.status & status::FEATURES_OK != 0 {
+            device.set_acked_features(state.acked_features);
+        }
+        if state.activated {
+            let mut device_queues = Vec::with_capacity(queues.len());
+            for (i, (queue, evt)) in queues.iter().zip(&self.notify).enumerate() {
+                let notify = evt.try_clone().map_err(|e| {
+                    DeviceStateError::Busy(format!("cannot clone queue {i}'s eventfd: {e}"))
+                })?;
+                let queue = Queue::try_from(QueueSnapshot::from(queue.state()))
+                    .map_err(|e| DeviceStateError::Mismatch(format!("queue {i}: {e}")))?;
+                device_queues.push(DeviceQueue { queue, notify });
+            }
+            device
+                .activate(self.mem.clone(), self.interrupt.clone(), device_queues)
+                .map_err(|e| DeviceStateError::Mismatch(e.to_string()))?;
+        }
+        drop(device);
+        self.queues = queues;
+        self.activated = state.activated;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_select = state.queue_select;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.interrupt.set(state.interrupt_status);
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {
@@ -511,6 +595,34 @@ mod tests {
             self.resets += 1;
             self.activated_with = None;
         }
+        fn queue_states(&self) -> Vec<QueueSnapshot> {
+            self.activated_with
+                .as_ref()
+                .map(|qs| {
+                    qs.iter()
+                        .zip(self.queue_max_sizes())
+                        .map(|(&(size, ready), &max_size)| QueueSnapshot {
+                            max_size,
+                            size,
+                            ready,
+                            next_avail: 7,
+                            ..Default::default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
+            Ok(serde_json::json!({ "config": self.config }))
+        }
+        fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
+            let config = state
+                .get("config")
+                .cloned()
+                .ok_or_else(|| DeviceStateError::Mismatch("no config".into()))?;
+            self.config = serde_json::from_value(config).map_err(DeviceStateError::Format)?;
+            Ok(())
+        }
     }
 
     struct Fixture {
@@ -605,7 +717,7 @@ mod tests {
         negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
         w(&mut f.t, reg::DRIVER_FEATURES_SEL, 0);
         w(&mut f.t, reg::DRIVER_FEATURES, 0b100);
-        assert_eq!(f.t.state().acked_features, VIRTIO_F_VERSION_1 | 1);
+        assert_eq!(f.t.state().unwrap().acked_features, VIRTIO_F_VERSION_1 | 1);
     }
 
     #[test]
@@ -638,10 +750,10 @@ mod tests {
         // Before FEATURES_OK: ignored.
         w(&mut f.t, reg::QUEUE_SEL, 0);
         w(&mut f.t, reg::QUEUE_NUM, 64);
-        assert_eq!(f.t.state().queues[0].size, 256);
+        assert_eq!(f.t.state().unwrap().queues[0].size, 256);
         negotiate(&mut f.t, VIRTIO_F_VERSION_1);
         setup_queue(&mut f.t, 0, 64, 0x1_0000);
-        let q = &f.t.state().queues[0];
+        let q = &f.t.state().unwrap().queues[0];
         assert_eq!(
             (q.size, q.ready, q.desc_table, q.avail_ring, q.used_ring),
             (64, true, 0x1_0000, 0x1_1000, 0x1_2000)
@@ -649,13 +761,13 @@ mod tests {
         // A ready queue is frozen.
         w(&mut f.t, reg::QUEUE_NUM, 32);
         w(&mut f.t, reg::QUEUE_DESC_LOW, 0x5000);
-        assert_eq!(f.t.state().queues[0].size, 64);
-        assert_eq!(f.t.state().queues[0].desc_table, 0x1_0000);
+        assert_eq!(f.t.state().unwrap().queues[0].size, 64);
+        assert_eq!(f.t.state().unwrap().queues[0].desc_table, 0x1_0000);
         // Invalid sizes (not a power of two, above the maximum) are refused.
         w(&mut f.t, reg::QUEUE_SEL, 1);
         w(&mut f.t, reg::QUEUE_NUM, 12);
         w(&mut f.t, reg::QUEUE_NUM, 32);
-        assert_eq!(f.t.state().queues[1].size, 16);
+        assert_eq!(f.t.state().unwrap().queues[1].size, 16);
         // An unselectable queue is ignored without harm.
         w(&mut f.t, reg::QUEUE_SEL, 9);
         w(&mut f.t, reg::QUEUE_NUM, 8);
@@ -741,11 +853,12 @@ mod tests {
         );
         f.t.interrupt.signal_used_ring().unwrap();
         w(&mut f.t, reg::STATUS, 0);
-        let s = f.t.state();
+        let s = f.t.state().unwrap();
         assert_eq!((s.status, s.acked_features, s.interrupt_status), (0, 0, 0));
         assert_eq!(
             s.queues[0],
-            QueueConfig {
+            QueueSnapshot {
+                max_size: 256,
                 size: 256,
                 ..Default::default()
             }
@@ -790,11 +903,89 @@ mod tests {
         let mut f = fixture();
         negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
         w(&mut f.t, reg::QUEUE_SEL, 1);
-        let s = f.t.state();
+        let s = f.t.state().unwrap();
         let json = serde_json::to_string(&s).unwrap();
         let back: MmioTransportState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
         assert_eq!(back.queue_select, 1);
         assert_eq!(back.queues.len(), 2);
+    }
+
+    #[test]
+    fn restore_puts_an_activated_device_back() {
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
+        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        w(&mut f.t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        w(
+            &mut f.t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        f.dev.lock().unwrap().config = [1, 2, 3, 4, 5, 6, 7, 8];
+        f.t.interrupt.signal_used_ring().unwrap();
+        let saved = f.t.state().unwrap();
+        assert!(saved.activated);
+        assert_eq!(
+            saved.queues[0].next_avail, 7,
+            "live positions come from the device"
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+
+        let mut g = fixture();
+        g.t.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        let dev = g.dev.lock().unwrap();
+        assert_eq!(dev.config, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(dev.acked, VIRTIO_F_VERSION_1 | 1);
+        assert_eq!(dev.activated_with, Some(vec![(64, true), (16, false)]));
+        drop(dev);
+        assert_eq!(g.t.status(), saved.status);
+        assert_eq!(r(&mut g.t, reg::INTERRUPT_STATUS), INTERRUPT_USED_RING_BIT);
+        assert_eq!(g.t.state().unwrap(), saved);
+    }
+
+    const INTERRUPT_USED_RING_BIT: u32 = super::super::INTERRUPT_USED_RING;
+
+    #[test]
+    fn restore_refuses_a_state_that_does_not_fit() {
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
+        let good = f.t.state().unwrap();
+        let mut g = fixture();
+
+        let mut other_type = good.clone();
+        other_type.device_type = 2;
+        let mut few_queues = good.clone();
+        few_queues.queues.pop();
+        let mut unoffered = good.clone();
+        unoffered.acked_features |= 1 << 1;
+        let mut bigger = good.clone();
+        bigger.queues[1].max_size = 32;
+        let mut odd_size = good.clone();
+        odd_size.queues[0].size = 3;
+        let mut not_ok = good.clone();
+        not_ok.activated = true;
+        let mut outside = good.clone();
+        outside.activated = true;
+        outside.status = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        outside.queues[0].ready = true;
+        outside.queues[0].desc_table = 0x1000_0000;
+        let mut bad_device = good.clone();
+        bad_device.device = serde_json::json!({ "config": "nope" });
+        for (what, state) in [
+            ("type", other_type),
+            ("queue count", few_queues),
+            ("features", unoffered),
+            ("max size", bigger),
+            ("queue size", odd_size),
+            ("status", not_ok),
+            ("memory", outside),
+            ("device part", bad_device),
+        ] {
+            assert!(g.t.restore(&state).is_err(), "{what} accepted");
+            assert!(g.dev.lock().unwrap().activated_with.is_none(), "{what}");
+        }
+        g.t.restore(&good).unwrap();
+        assert_eq!(g.t.state().unwrap(), good);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -82,6 +82,11 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Puts back a saved InterruptStatus, without injecting (the irqchip state holds the line).
+    pub fn set(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Back to no pending interrupt (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -95,6 +100,78 @@ pub struct DeviceQueue {
     pub queue: Queue,
     /// Signalled on each driver notification.
     pub notify: EventFd,
+}
+
+/// One queue's state as a snapshot holds it: [`QueueState`], serialisable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available ring entry the device reads.
+    pub next_avail: u16,
+    /// Next used ring entry the device writes.
+    pub next_used: u16,
+    /// EVENT_IDX in use.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+}
+
+/// Builds a [`Queue`] back from a snapshot; virtio-queue checks sizes and alignment.
+impl TryFrom<QueueSnapshot> for Queue {
+    type Error = virtio_queue::Error;
+
+    fn try_from(s: QueueSnapshot) -> Result<Self, Self::Error> {
+        Queue::try_from(QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        })
+    }
+}
+
+/// Why a device's state could not be read out or put back.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The saved state does not parse as this device's.
+    #[error("virtio device state does not parse")]
+    Format(#[source] serde_json::Error),
+    /// The saved state does not fit the device it is put back into.
+    #[error("virtio device state does not fit this device: {0}")]
+    Mismatch(String),
+    /// The device cannot take a state now (activated, or busy).
+    #[error("virtio device cannot take a state now: {0}")]
+    Busy(String),
 }
 
 /// Why a device refused activation.
@@ -131,4 +208,13 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving and forget the queues.
     fn reset(&mut self);
+    /// The positions of an activated device's queues, in queue order (empty when not activated).
+    fn queue_states(&self) -> Vec<QueueSnapshot>;
+    /// The device's own part of a snapshot (configuration space, backend settings; not the queues
+    /// nor the negotiated features, which the transport keeps). Read while the VM is paused.
+    fn save_state(&self) -> Result<serde_json::Value, DeviceStateError>;
+    /// Puts back what [`Self::save_state`] returned, into a device that is not activated; the
+    /// transport then sets the acked features and activates it with the saved queues. A state
+    /// that does not fit this device (another backend size, mode or ID) is refused.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError>;
 }

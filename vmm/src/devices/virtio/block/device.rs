@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -16,7 +16,9 @@ use super::{
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT,
     SEG_MAX,
 };
-use crate::devices::virtio::{ActivateError, DeviceQueue, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    ActivateError, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot, VirtioDevice,
+};
 
 /// Errors making a block device.
 #[derive(Debug, thiserror::Error)]
@@ -71,46 +73,8 @@ impl BlockConfig {
     }
 }
 
-/// One queue's state, as [`QueueState`] but serialisable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot {
-    /// Maximum size offered.
-    pub max_size: u16,
-    /// Size the driver chose.
-    pub size: u16,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-    /// Next available ring entry the device reads.
-    pub next_avail: u16,
-    /// Next used ring entry the device writes.
-    pub next_used: u16,
-    /// EVENT_IDX in use.
-    pub event_idx_enabled: bool,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        QueueSnapshot {
-            max_size: s.max_size,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-        }
-    }
-}
-
-/// What a snapshot of the device holds (the disk contents are the file's business).
+/// The device's state as read out (the disk contents are the file's business); a snapshot keeps it
+/// whole, and a restore checks the fields that describe the disk against the disk it is given.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockState {
     /// Read-only mode.
@@ -208,11 +172,7 @@ impl Block {
             acked_features: self.acked_features,
             config: self.config,
             activated: self.active.is_some(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot::from(q.queue.state()))
-                .collect(),
+            queues: self.queue_states(),
         }
     }
 
@@ -484,24 +444,43 @@ impl VirtioDevice for Block {
         }
         self.acked_features = 0;
     }
-}
 
-/// Builds a [`Queue`] back from a snapshot (for restore, and to check snapshots round-trip).
-impl TryFrom<QueueSnapshot> for Queue {
-    type Error = virtio_queue::Error;
+    fn queue_states(&self) -> Vec<QueueSnapshot> {
+        self.queues
+            .iter()
+            .map(|q| QueueSnapshot::from(q.queue.state()))
+            .collect()
+    }
 
-    fn try_from(s: QueueSnapshot) -> Result<Self, Self::Error> {
-        Queue::try_from(QueueState {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        })
+    fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
+        serde_json::to_value(self.state()).map_err(DeviceStateError::Format)
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
+        let saved: BlockState =
+            serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
+        if self.active.is_some() {
+            return Err(DeviceStateError::Busy("virtio-blk is activated".into()));
+        }
+        // The disk behind a restored guest must be the one it saw: same size, same mode, same
+        // features; the transport puts back the acked features and queues.
+        if saved.read_only != self.disk.read_only() {
+            return Err(DeviceStateError::Mismatch(format!(
+                "virtio-blk was read-only={}, this disk is read-only={}",
+                saved.read_only,
+                self.disk.read_only()
+            )));
+        }
+        if saved.config != self.config || saved.avail_features != self.avail_features {
+            return Err(DeviceStateError::Mismatch(format!(
+                "virtio-blk had {} sectors and features {:#x}, this disk has {} and {:#x}",
+                saved.config.capacity,
+                saved.avail_features,
+                self.config.capacity,
+                self.avail_features
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +494,7 @@ mod tests {
     use virtio_bindings::virtio_blk as blk;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::Queue;
 
     const HDR: u64 = 0x8000;
     const DATA: u64 = 0x1_0000;
@@ -1111,6 +1091,41 @@ mod tests {
         h.dev.reset();
         let s = h.dev.state();
         assert!(!s.activated && s.queues.is_empty() && s.acked_features == 0);
+    }
+
+    #[test]
+    fn restore_checks_the_disk_it_is_given() {
+        let h = Harness::rw();
+        let saved = h.dev.save_state().unwrap();
+        let same = tempfile::NamedTempFile::new().unwrap();
+        same.as_file()
+            .set_len(SECTORS * super::super::SECTOR_SIZE)
+            .unwrap();
+        let mut fresh = Block::new(same.path(), false).unwrap();
+        fresh.restore_state(&saved).unwrap();
+        let mut ro = Block::new(same.path(), true).unwrap();
+        assert!(matches!(
+            ro.restore_state(&saved),
+            Err(DeviceStateError::Mismatch(_))
+        ));
+        same.as_file()
+            .set_len(2 * SECTORS * super::super::SECTOR_SIZE)
+            .unwrap();
+        let mut bigger = Block::new(same.path(), false).unwrap();
+        assert!(matches!(
+            bigger.restore_state(&saved),
+            Err(DeviceStateError::Mismatch(_))
+        ));
+        assert!(matches!(
+            fresh.restore_state(&serde_json::json!({"read_only": 3})),
+            Err(DeviceStateError::Format(_))
+        ));
+        let mut live = Harness::rw();
+        assert!(matches!(
+            live.dev.restore_state(&saved),
+            Err(DeviceStateError::Busy(_))
+        ));
+        live.dev.reset();
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod request;
 #[cfg(test)]
 mod test_driver;
 
-pub use device::{Block, BlockConfig, BlockState, QueueSnapshot};
+pub use device::{Block, BlockConfig, BlockState};
 pub use disk::{Disk, DiskError};
 pub use request::{Request, RequestError, RequestType};
 
