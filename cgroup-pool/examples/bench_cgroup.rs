@@ -2,11 +2,26 @@
 //! against a fresh mkdir in every hierarchy plus the same limits, at several concurrencies, in
 //! one run. Run by `ci/bench-cgroup` (root; real cgroups).
 //!
-//! Each worker thread repeats a sandbox cycle: setup (timed) then teardown (untimed: release to
-//! the pool, or rmdir). Latency percentiles are of the setup alone; throughput is completed
-//! cycles per wall-clock second, so both modes pay their own teardown.
+//! Both modes are timed the same way: `conc` threads wait at one barrier, then each takes its own
+//! start time and sets up one sandbox cgroup (timed: from asking to holding a configured cgroup).
+//! By default the level runs in rounds: every thread sets up once, all wait at a barrier while
+//! holding their cgroups, then tear down (untimed: release to the pool, or rmdir in every
+//! hierarchy), and the next round starts once the teardown is over (for the pool: its refill
+//! thread has recycled the released slots). So setups contend only with each other, as in a burst
+//! of sandbox starts, and neither side's teardown runs inside the other's timed section.
+//! `--continuous` instead lets each thread repeat setup (timed) then teardown (untimed) without
+//! rounds: setups then also contend with teardowns and with the pool's recycling.
+//! Latency percentiles are of the setups alone; throughput is completed cycles (setup and
+//! teardown, including the pool's recycling) per wall-clock second.
+//!
+//! The pool is started with the benchmark's limits as its default shape (pre-limited slots, the
+//! common sandbox size); `--no-shape` leaves its free slots at the kernel defaults. The mkdir side
+//! writes every limit file, as a runtime without a pool does. The pool's state directory is on
+//! /dev/shm (tmpfs, as rund's default /run/rund is on a host) unless `--state-dir` says otherwise.
 //!
 //! Usage: bench-cgroup [--levels 1,10,100] [--ops N] [--version v1|v2] [--without cpuset,...]
+//!                     [--continuous] [--no-shape] [--recycle refill|inline]
+//!                     [--v1-claim rename|file] [--state-dir DIR]
 //! `--ops` is the number of setups per level (split across the threads; default 1000).
 
 use std::path::PathBuf;
@@ -16,7 +31,9 @@ use std::time::{Duration, Instant};
 use cgroup_pool::hierarchy::{CgroupDirs, Hierarchy};
 use cgroup_pool::limits::{self, copy_cpuset_from_parent};
 use cgroup_pool::resources::Limits;
-use cgroup_pool::{cgroupfs, parent, CgroupPool, CgroupVersion, PoolConfig, SandboxId};
+use cgroup_pool::{
+    cgroupfs, parent, CgroupPool, CgroupVersion, PoolConfig, Recycle, SandboxId, V1Claim,
+};
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder,
 };
@@ -27,9 +44,13 @@ struct Args {
     version: Option<CgroupVersion>,
     /// Controllers to leave out of the limits (for finding what costs what).
     without: Vec<String>,
-    /// Keep every cgroup until the level's setups are all done, then tear down (untimed): setups
-    /// then contend only with each other, not with teardowns.
-    hold: bool,
+    /// No rounds: each thread repeats setup then teardown on its own.
+    continuous: bool,
+    /// Start the pool without a default shape.
+    no_shape: bool,
+    state_dir: Option<PathBuf>,
+    recycle: Recycle,
+    v1_claim: V1Claim,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,7 +59,11 @@ fn parse_args() -> Result<Args, String> {
         ops: 1000,
         version: None,
         without: Vec::new(),
-        hold: false,
+        continuous: false,
+        no_shape: false,
+        state_dir: None,
+        recycle: Recycle::Refill,
+        v1_claim: V1Claim::Rename,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -58,7 +83,25 @@ fn parse_args() -> Result<Args, String> {
                     v => return Err(format!("bad --version {v:?} (v1 or v2)")),
                 })
             }
-            "--hold" => args.hold = true,
+            "--continuous" => args.continuous = true,
+            // Older spelling: held cgroups, torn down untimed, is what the rounds do.
+            "--hold" => args.continuous = false,
+            "--no-shape" => args.no_shape = true,
+            "--v1-claim" => {
+                args.v1_claim = match value()?.as_str() {
+                    "rename" => V1Claim::Rename,
+                    "file" => V1Claim::File,
+                    v => return Err(format!("bad --v1-claim {v:?} (rename or file)")),
+                }
+            }
+            "--recycle" => {
+                args.recycle = match value()?.as_str() {
+                    "refill" => Recycle::Refill,
+                    "inline" => Recycle::Inline,
+                    v => return Err(format!("bad --recycle {v:?} (refill or inline)")),
+                }
+            }
+            "--state-dir" => args.state_dir = Some(PathBuf::from(value()?)),
             "--without" => args.without = value()?.split(',').map(str::to_string).collect(),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -130,36 +173,66 @@ struct Bench {
     mkdir_parent: Arc<parent::Parent>,
     res: Arc<LinuxResources>,
     ops: usize,
-    hold: bool,
+    continuous: bool,
 }
 
-fn run_level(bench: &Bench, mode: Mode, threads: usize) -> Result<Outcome, String> {
+/// One mode's worker threads at one level, waiting at their barriers.
+struct Workers {
+    mode: Mode,
+    handles: Vec<std::thread::JoinHandle<Result<Vec<Duration>, String>>>,
+    start: Arc<Barrier>,
+    held: Arc<Barrier>,
+    torn: Arc<Barrier>,
+}
+
+fn spawn_workers(bench: &Bench, mode: Mode, threads: usize, rounds: usize) -> Workers {
     let Bench {
         pool,
         hierarchy,
         mkdir_parent,
         res,
         ops,
-        hold,
+        continuous,
     } = bench;
-    let (ops, hold) = (*ops, *hold);
+    let (ops, continuous) = (*ops, *continuous);
     let per_thread = ops.div_ceil(threads);
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let done = Arc::new(Barrier::new(threads + 1));
-    let handles: Vec<_> = (0..threads)
+    let per_round = if continuous { per_thread } else { 1 };
+    let start = Arc::new(Barrier::new(threads + 1));
+    let held = Arc::new(Barrier::new(threads + 1));
+    let torn = Arc::new(Barrier::new(threads + 1));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles = (0..threads)
         .map(|t| {
-            let (pool, hierarchy, mkdir_parent, res, barrier, done) = (
+            let (pool, hierarchy, mkdir_parent, res) = (
                 Arc::clone(pool),
                 Arc::clone(hierarchy),
                 Arc::clone(mkdir_parent),
                 Arc::clone(res),
-                Arc::clone(&barrier),
-                Arc::clone(&done),
+            );
+            let (start, held, torn, failed) = (
+                Arc::clone(&start),
+                Arc::clone(&held),
+                Arc::clone(&torn),
+                Arc::clone(&failed),
             );
             std::thread::spawn(move || -> Result<Vec<Duration>, String> {
                 let limits =
                     Limits::from_oci(&res, hierarchy.version).map_err(|e| e.to_string())?;
                 let mut times = Vec::with_capacity(per_thread);
+                let setup = |name: &str| -> Result<(), String> {
+                    match mode {
+                        Mode::Pool => {
+                            let id = SandboxId::parse(name).map_err(|e| e.to_string())?;
+                            pool.acquire(&id, &res)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }
+                        Mode::Mkdir => {
+                            let dirs = mkdir_parent.child_dirs(&hierarchy, name);
+                            make_and_configure(&hierarchy, &dirs, &limits)
+                        }
+                    }
+                };
                 let teardown = |name: &str| -> Result<(), String> {
                     match mode {
                         Mode::Pool => {
@@ -175,46 +248,150 @@ fn run_level(bench: &Bench, mode: Mode, threads: usize) -> Result<Outcome, Strin
                         }
                     }
                 };
-                let mut held = Vec::new();
-                barrier.wait();
-                for k in 0..per_thread {
-                    let name = format!("b{t}-{k}");
-                    let t0 = Instant::now();
-                    match mode {
-                        Mode::Pool => {
-                            let id = SandboxId::parse(&name).map_err(|e| e.to_string())?;
-                            pool.acquire(&id, &res).map_err(|e| e.to_string())?;
+                // Every thread passes every barrier even after a failure, so nobody hangs.
+                let mut result = Ok(());
+                for r in 0..rounds {
+                    start.wait();
+                    let mut mine = Vec::new();
+                    for k in 0..per_round {
+                        if result.is_err() || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
                         }
-                        Mode::Mkdir => {
-                            let dirs = mkdir_parent.child_dirs(&hierarchy, &name);
-                            make_and_configure(&hierarchy, &dirs, &limits)?;
+                        let name = format!("b{t}-{}", r * per_round + k);
+                        // Timed: from asking for a cgroup to holding a configured one.
+                        let t0 = Instant::now();
+                        if let Err(e) = setup(&name) {
+                            result = Err(e);
+                            break;
+                        }
+                        times.push(t0.elapsed());
+                        if continuous {
+                            if let Err(e) = teardown(&name) {
+                                result = Err(e);
+                            }
+                        } else {
+                            mine.push(name);
                         }
                     }
-                    times.push(t0.elapsed());
-                    if hold {
-                        held.push(name);
-                    } else {
-                        teardown(&name)?;
+                    held.wait();
+                    for name in mine {
+                        if let Err(e) = teardown(&name) {
+                            result = Err(e);
+                        }
                     }
+                    if result.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    torn.wait();
                 }
-                done.wait();
-                for name in held {
-                    teardown(&name)?;
-                }
-                Ok(times)
+                result.map(|()| times)
             })
         })
         .collect();
-    barrier.wait();
-    let start = Instant::now();
-    done.wait();
-    let wall = start.elapsed();
-    let mut setups = Vec::new();
-    for h in handles {
-        setups.extend(h.join().map_err(|_| "worker panicked".to_string())??);
+    Workers {
+        mode,
+        handles,
+        start,
+        held,
+        torn,
     }
-    setups.sort();
-    Ok(Outcome { setups, wall })
+}
+
+/// Runs one level for both modes in the same run, round by round alternating (mkdir round,
+/// pool round, ...), so that the machine's background load falls on both alike. A round of a
+/// mode ends when its teardown is over: its threads have torn down, the pool's refill has
+/// recycled what was released, and the kernel has finished destroying removed cgroups
+/// ([`settle`]); only then does the other mode's round start.
+fn run_level(bench: &Bench, threads: usize) -> Result<[Outcome; 2], String> {
+    let per_thread = bench.ops.div_ceil(threads);
+    let rounds = if bench.continuous { 1 } else { per_thread };
+    let workers = [
+        spawn_workers(bench, Mode::Mkdir, threads, rounds),
+        spawn_workers(bench, Mode::Pool, threads, rounds),
+    ];
+    let mut walls = [Duration::ZERO; 2];
+    let mut failure = None;
+    for _ in 0..rounds {
+        for (i, w) in workers.iter().enumerate() {
+            let t0 = Instant::now();
+            w.start.wait();
+            w.held.wait();
+            w.torn.wait();
+            if w.mode == Mode::Pool {
+                if let Err(e) = wait_recycled(&bench.pool, threads.min(bench.ops)) {
+                    failure.get_or_insert(e);
+                }
+            }
+            walls[i] += t0.elapsed();
+            settle();
+        }
+    }
+    let mut out = Vec::new();
+    for (w, wall) in workers.into_iter().zip(walls) {
+        let mut setups = Vec::new();
+        for h in w.handles {
+            match h.join().map_err(|_| "worker panicked".to_string())? {
+                Ok(t) => setups.extend(t),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        setups.sort();
+        out.push(Outcome { setups, wall });
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let pool = out.pop().ok_or("no pool outcome")?;
+    let mkdir = out.pop().ok_or("no mkdir outcome")?;
+    Ok([mkdir, pool])
+}
+
+/// The number of cgroups the kernel still has, over every hierarchy (`/proc/cgroups`); a removed
+/// cgroup counts until its deferred destruction (RCU, workqueues, under the cgroup mutex) is
+/// done.
+fn kernel_cgroup_count() -> u64 {
+    std::fs::read_to_string("/proc/cgroups")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Untimed, after each round of either mode: waits until the kernel's cgroup count stops
+/// falling (dying cgroups being freed), at most 1 s, so a round's deferred teardown work does
+/// not land in the next round's timed setups.
+fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut last = kernel_cgroup_count();
+    let mut stable = 0;
+    while stable < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        let now = kernel_cgroup_count();
+        if now < last {
+            stable = 0;
+        } else {
+            stable += 1;
+        }
+        last = now;
+    }
+}
+
+/// Waits (untimed) until the pool has no released slot waiting and at least `free` free ones.
+fn wait_recycled(pool: &CgroupPool, free: usize) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = pool.stats();
+        if s.recycling == 0 && s.free >= free {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the pool did not recycle within 60 s: {s:?}"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// What a runtime without a pool does: mkdir in every hierarchy, then configure.
@@ -239,24 +416,62 @@ fn real_main() -> Result<(), String> {
     let args = parse_args()?;
     let tag = std::process::id();
     let max_level = args.levels.iter().copied().max().unwrap_or(1);
-    let state_dir = std::env::temp_dir().join(format!("rund-bench-cgroup-{tag}"));
+    // rund's default state directory, /run/rund, is a tmpfs on a host: so is /dev/shm.
+    let state_root = args.state_dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let state_dir = state_root.join(format!("rund-bench-cgroup-{tag}"));
     let config = PoolConfig {
         parent: format!("rund-bench-{tag}"),
         state_dir: state_dir.clone(),
         version: args.version,
         mounts: None,
-        low_watermark: if args.hold {
-            args.ops + 8
-        } else {
-            max_level + 8
-        },
-        high_watermark: if args.hold {
-            args.ops + 8
-        } else {
-            max_level + 8
-        },
+        // Sized for the load: at most `max_level` slots are held at once (plus a few released
+        // ones waiting to be recycled), and the refill makes new ones only below the low
+        // watermark, so it makes none while the benchmark runs.
+        low_watermark: 8,
+        high_watermark: max_level + 16,
         refill_interval: Duration::from_millis(500),
         background_refill: true,
+        default_shape: None,
+        recycle: args.recycle,
+        v1_claim: args.v1_claim,
+    };
+    // The limits depend on the controllers offered, and the pool's default shape on the limits:
+    // look at the hierarchy before starting the pool.
+    let probe_controllers = {
+        let h = Hierarchy::resolve(args.version, None).map_err(|e| e.to_string())?;
+        match h.version {
+            CgroupVersion::V1 => h
+                .mounts
+                .iter()
+                .flat_map(|m| m.controllers.clone())
+                .collect(),
+            CgroupVersion::V2 => {
+                // What rund's parent will offer its children: the root's controllers among
+                // those the pool switches on.
+                h.mounts[0]
+                    .controllers
+                    .iter()
+                    .filter(|c| parent::V2_CONTROLLERS.contains(&c.as_str()))
+                    .cloned()
+                    .collect::<Vec<String>>()
+            }
+        }
+    };
+    let available: Vec<String> = probe_controllers
+        .into_iter()
+        .filter(|c| !args.without.contains(c))
+        .collect();
+    let (res, what) = resources(&available);
+    let config = PoolConfig {
+        default_shape: (!args.no_shape).then(|| res.clone()),
+        ..config
     };
     let (pool, _) = CgroupPool::start(config, &|_| false).map_err(|e| e.to_string())?;
     pool.refill_now().map_err(|e| e.to_string())?;
@@ -265,26 +480,24 @@ fn real_main() -> Result<(), String> {
     let mkdir_rel = PathBuf::from(format!("rund-bench-{tag}-mkdir"));
     let mkdir_parent =
         Arc::new(parent::prepare_owned(&hierarchy, &mkdir_rel).map_err(|e| e.to_string())?);
-    let available: Vec<String> = match hierarchy.version {
-        CgroupVersion::V1 => hierarchy
-            .mounts
+    if hierarchy.version == CgroupVersion::V2 {
+        let missing: Vec<&String> = available
             .iter()
-            .flat_map(|m| m.controllers.clone())
-            .collect(),
-        CgroupVersion::V2 => mkdir_parent.child_controllers.clone(),
-    };
-    let available: Vec<String> = available
-        .into_iter()
-        .filter(|c| !args.without.contains(c))
-        .collect();
-    let (res, what) = resources(&available);
+            .filter(|c| !mkdir_parent.child_controllers.contains(c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "controllers {missing:?} not enabled for the mkdir side"
+            ));
+        }
+    }
     let bench = Bench {
         pool: Arc::clone(&pool),
         hierarchy: Arc::clone(&hierarchy),
         mkdir_parent: Arc::clone(&mkdir_parent),
         res: Arc::new(res),
         ops: args.ops,
-        hold: args.hold,
+        continuous: args.continuous,
     };
 
     println!(
@@ -303,6 +516,22 @@ fn real_main() -> Result<(), String> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     println!("limits applied in both modes: {what}");
+    println!(
+        "pool: default shape {}, recycling by {:?}, v1 claims by {:?}, state dir {}; {}",
+        if args.no_shape {
+            "none (free slots at kernel defaults)"
+        } else {
+            "= these limits (pre-limited slots)"
+        },
+        args.recycle,
+        args.v1_claim,
+        state_root.display(),
+        if args.continuous {
+            "continuous cycles (setup timed, teardown untimed, no rounds)"
+        } else {
+            "rounds of conc setups (timed), held, then torn down (untimed)"
+        }
+    );
     println!("setup = pool: acquire (no mkdir) + limits; mkdir: mkdir in every hierarchy + limits");
     println!("throughput = sandbox cycles (setup + teardown) per wall second\n");
     println!(
@@ -312,15 +541,15 @@ fn real_main() -> Result<(), String> {
     let mut ratios = Vec::new();
     let mut result = Ok(());
     for &c in &args.levels {
+        let outcomes = match run_level(&bench, c) {
+            Ok(o) => o,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
         let mut row = Vec::new();
-        for mode in [Mode::Mkdir, Mode::Pool] {
-            let out = match run_level(&bench, mode, c) {
-                Ok(o) => o,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
+        for (mode, out) in [Mode::Mkdir, Mode::Pool].into_iter().zip(&outcomes) {
             let p50 = percentile(&out.setups, 0.50);
             let p99 = percentile(&out.setups, 0.99);
             let tput = out.setups.len() as f64 / out.wall.as_secs_f64();
@@ -335,12 +564,7 @@ fn real_main() -> Result<(), String> {
             );
             row.push((p50, p99, tput));
         }
-        if row.len() == 2 {
-            ratios.push((c, row[0], row[1]));
-        }
-        if result.is_err() {
-            break;
-        }
+        ratios.push((c, row[0], row[1]));
     }
     println!(
         "\nratios (mkdir / pool for latency, pool / mkdir for throughput; > 1 favours the pool):"
@@ -363,8 +587,14 @@ fn real_main() -> Result<(), String> {
     }
     let stats = pool.stats();
     println!(
-        "pool stats: from pool {}, fallbacks {}, slots made by refill {}",
-        stats.acquired_from_pool, stats.fallback_created, stats.slots_created
+        "pool stats: from pool {}, fallbacks {}, slots made by refill {}, recycled {}, pre-limited hits {}, limit writes {} (skipped {})",
+        stats.acquired_from_pool,
+        stats.fallback_created,
+        stats.slots_created,
+        stats.recycled,
+        stats.prelimited_hits,
+        stats.limit_writes,
+        stats.limit_writes_skipped
     );
 
     // Clean up: the pool's slots and parent, the mkdir parent, the state directory.

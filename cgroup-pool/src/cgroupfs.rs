@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::naming::{Marker, MARKER_XATTR};
+use crate::naming::{Marker, MARKER_XATTR, SHAPE_XATTR};
 
 /// A cgroupfs operation that failed, with the path it failed on.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,56 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), CgroupFsError> {
     })
 }
 
+/// An open handle on a parent cgroup directory, for renaming its children by name: the kernel
+/// then looks up one component instead of walking both whole paths (kernfs path walks take the
+/// hierarchy's lock, which the renames themselves take for writing).
+#[derive(Debug)]
+pub struct ParentDir {
+    path: PathBuf,
+    fd: rustix::fd::OwnedFd,
+}
+
+impl ParentDir {
+    pub fn open(path: &Path) -> Result<ParentDir, CgroupFsError> {
+        use rustix::fs::{Mode, OFlags, CWD};
+        let fd = rustix::fs::openat(
+            CWD,
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| CgroupFsError::ReadDir {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok(ParentDir {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// [`rename`] of `from` to `to` when both are children of this directory (through the
+    /// handle); otherwise by path.
+    pub fn rename(&self, from: &Path, to: &Path) -> Result<(), CgroupFsError> {
+        let names = (|| {
+            (from.parent()? == self.path && to.parent()? == self.path)
+                .then_some((from.file_name()?, to.file_name()?))
+        })();
+        let Some((old, new)) = names else {
+            return rename(from, to);
+        };
+        rustix::fs::renameat(&self.fd, old, &self.fd, new).map_err(|e| CgroupFsError::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            source: e.into(),
+        })
+    }
+}
+
 pub fn set_marker(path: &Path, marker: &Marker) -> Result<(), CgroupFsError> {
     rustix::fs::setxattr(
         path,
@@ -102,6 +152,46 @@ pub fn read_marker(path: &Path) -> Result<Option<Marker>, CgroupFsError> {
         Ok(n) => Ok(std::str::from_utf8(&buf[..n]).ok().and_then(Marker::decode)),
         Err(rustix::io::Errno::NODATA) => Ok(None),
         Err(e) => Err(CgroupFsError::GetMarker {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Records on a free slot's lead directory which limits it already carries (see
+/// [`crate::resources::Limits::shape_key`]), so that an acquire asking for exactly those writes
+/// nothing.
+pub fn set_shape(path: &Path, key: &str) -> Result<(), CgroupFsError> {
+    rustix::fs::setxattr(
+        path,
+        SHAPE_XATTR,
+        key.as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| CgroupFsError::SetMarker {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// The limits a free slot carries, `Ok(None)` when it says nothing (kernel defaults).
+pub fn read_shape(path: &Path) -> Result<Option<String>, CgroupFsError> {
+    let mut buf = [0u8; 512];
+    match rustix::fs::getxattr(path, SHAPE_XATTR, &mut buf[..]) {
+        Ok(n) => Ok(std::str::from_utf8(&buf[..n]).ok().map(str::to_string)),
+        Err(rustix::io::Errno::NODATA) => Ok(None),
+        Err(e) => Err(CgroupFsError::GetMarker {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Forgets which limits a slot carries (before they change).
+pub fn remove_shape(path: &Path) -> Result<(), CgroupFsError> {
+    match rustix::fs::removexattr(path, SHAPE_XATTR) {
+        Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
+        Err(e) => Err(CgroupFsError::SetMarker {
             path: path.to_path_buf(),
             source: e.into(),
         }),

@@ -4,6 +4,8 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use oci_spec::runtime::LinuxResources;
+
 use crate::hierarchy::CgroupVersion;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,6 +24,32 @@ pub enum ConfigError {
 
 /// An upper bound on pool size, so a typo cannot make the refill create a million cgroups.
 pub const MAX_WATERMARK: usize = 10_000;
+
+/// Who resets a released slot (limits back, memory reclaimed) and returns it to the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recycle {
+    /// The refill thread, so that neither `release` nor the acquires wait behind teardown work;
+    /// `release` itself when there is no refill thread (`background_refill: false`).
+    #[default]
+    Refill,
+    /// `release` itself, before it returns.
+    Inline,
+    /// Only the refill: the background thread, or [`crate::CgroupPool::refill_now`] when the
+    /// caller drives the refill itself (without a thread, released slots wait for that call).
+    Deferred,
+}
+
+/// How a v1 pool claims a slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum V1Claim {
+    /// Rename it to `sandbox-<id>` in every hierarchy (the held cgroup carries the sandbox's
+    /// name). Each rename takes the kernel's global `cgroup_mutex`.
+    #[default]
+    Rename,
+    /// As on v2: an `O_EXCL` claim file in the state directory; the cgroup keeps its slot name
+    /// (the record says whose it is). An acquire of a pre-limited slot then takes no cgroup lock.
+    File,
+}
 
 /// How to build a [`crate::CgroupPool`]. Every field has a default (see [`PoolConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +72,15 @@ pub struct PoolConfig {
     /// Run the background refill thread (default true). Without it the pool is filled once at
     /// start and by [`crate::CgroupPool::refill_now`].
     pub background_refill: bool,
+    /// The common sandbox size: slots are kept with these limits already written, so an
+    /// acquire asking for exactly these writes no limit file (v1: a rename only; v2: a claim
+    /// only). Other shapes still get their writes. `None` (default): free slots keep the
+    /// kernel's defaults.
+    pub default_shape: Option<LinuxResources>,
+    /// Who recycles released slots (default: the refill thread).
+    pub recycle: Recycle,
+    /// v1 only: how a slot is claimed (default: by rename).
+    pub v1_claim: V1Claim,
 }
 
 impl Default for PoolConfig {
@@ -57,6 +94,9 @@ impl Default for PoolConfig {
             high_watermark: 32,
             refill_interval: Duration::from_secs(2),
             background_refill: true,
+            default_shape: None,
+            recycle: Recycle::Refill,
+            v1_claim: V1Claim::Rename,
         }
     }
 }

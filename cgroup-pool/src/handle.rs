@@ -136,7 +136,7 @@ impl SandboxCgroup {
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), HandleError> {
         let limits = Limits::from_oci(resources, self.version())?;
         log_ignored(&self.record.sandbox_id, &limits);
-        limits::apply(&self.record.dirs, &limits)?;
+        limits::apply_if_changed(&self.record.dirs, &limits)?;
         Ok(())
     }
 }

@@ -7,10 +7,14 @@
 //! - cgroup v1: a slot `pool-<pid>-<n>` exists under rund's parent in every controller hierarchy;
 //!   [`CgroupPool::acquire`] renames it to `sandbox-<id>` (rename works within one parent on v1);
 //! - cgroup v2 refuses rename (EPERM): the slot keeps its name, and the holder is recorded in the
-//!   state directory (an O_EXCL claim file plus a per-sandbox record);
+//!   state directory (an O_EXCL claim file plus a per-sandbox record); a v1 pool can claim that
+//!   way too ([`V1Claim::File`]), so that an acquire takes no cgroup lock;
+//! - slots can be kept pre-limited with a default resource shape ([`PoolConfig::default_shape`]):
+//!   an acquire with that shape writes no limit file; other limits are written only where the
+//!   file does not already hold the value;
 //! - either way the sandbox's OCI `LinuxResources` are applied, and [`SandboxCgroup`] attaches
-//!   processes and threads; [`CgroupPool::release`] refuses while tasks remain, resets the limits
-//!   and returns the slot;
+//!   processes and threads; [`CgroupPool::release`] refuses while tasks remain, and the
+//!   refill thread resets the limits, reclaims memory and returns the slot;
 //! - a background refill keeps the pool between two watermarks; a dry pool makes a cgroup on the
 //!   spot (counted); a platform-dictated parent (Kubernetes' `cgroupsPath`) gets a cgroup made
 //!   there ([`CgroupPool::acquire_at`], counted as a bypass);
@@ -35,7 +39,7 @@ pub mod sandbox_id;
 pub mod slots;
 pub mod state;
 
-pub use config::PoolConfig;
+pub use config::{PoolConfig, Recycle, V1Claim};
 pub use handle::{HandleError, SandboxCgroup};
 pub use hierarchy::{CgroupVersion, Hierarchy};
 pub use pool::{CgroupPool, PoolError, PoolStats};

@@ -14,7 +14,13 @@ use crate::sandbox_id::SandboxId;
 /// so an unprivileged process cannot forge it.
 pub const MARKER_XATTR: &str = "trusted.rund.cgroup-pool";
 
+/// On a free slot's lead directory: the limits already written in it (a pre-limited slot), as
+/// [`crate::resources::Limits::shape_key`]. Absent: the kernel's defaults. It describes the slot
+/// only while it is free: every path that makes a slot free sets or removes it.
+pub const SHAPE_XATTR: &str = "trusted.rund.cgroup-pool.limits";
+
 const SLOT_PREFIX: &str = "pool-";
+const RECYCLE_PREFIX: &str = "recycle-";
 const SANDBOX_PREFIX: &str = "sandbox-";
 
 /// What a marker says about its directory.
@@ -67,6 +73,17 @@ pub fn is_slot_name(name: &str) -> bool {
     })
 }
 
+/// The name a released v1 slot carries until the refill has reset it (neither free nor held).
+pub fn recycle_dir_name(slot: &str) -> String {
+    format!("{RECYCLE_PREFIX}{slot}")
+}
+
+/// The slot a v1 directory name belongs to, if it is a slot waiting to be recycled.
+pub fn slot_of_recycle_dir_name(name: &str) -> Option<&str> {
+    name.strip_prefix(RECYCLE_PREFIX)
+        .filter(|s| is_slot_name(s))
+}
+
 /// The name a held slot carries on cgroup v1.
 pub fn sandbox_dir_name(id: &SandboxId) -> String {
     format!("{SANDBOX_PREFIX}{id}")
@@ -107,5 +124,10 @@ mod tests {
         assert!(!is_slot_name(&dir));
         assert_eq!(sandbox_of_dir_name(&dir), Some(id));
         assert_eq!(sandbox_of_dir_name("pool-1-2"), None);
+        let r = recycle_dir_name("pool-1-2");
+        assert!(!is_slot_name(&r));
+        assert_eq!(sandbox_of_dir_name(&r), None);
+        assert_eq!(slot_of_recycle_dir_name(&r), Some("pool-1-2"));
+        assert_eq!(slot_of_recycle_dir_name("recycle-x"), None);
     }
 }

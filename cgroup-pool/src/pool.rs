@@ -15,17 +15,22 @@ use std::thread::JoinHandle;
 use oci_spec::runtime::LinuxResources;
 
 use crate::cgroupfs::{self, CgroupFsError};
-use crate::config::{self, ConfigError, PoolConfig};
+use crate::config::{self, ConfigError, PoolConfig, Recycle, V1Claim};
 use crate::handle::{log_ignored, SandboxCgroup};
 use crate::hierarchy::{CgroupDirs, CgroupVersion, Hierarchy, HierarchyError};
-use crate::limits::{self, copy_cpuset_from_parent, LimitsError};
+use crate::limits::{self, copy_cpuset_from_parent, LimitsError, WriteCount};
 use crate::naming::{self, Marker};
 use crate::parent::{self, Parent, ParentError};
 use crate::reconcile::{self, ReconcileReport};
 use crate::resources::{Limits, ResourceError};
 use crate::sandbox_id::SandboxId;
-use crate::slots::{self, SlotError};
-use crate::state::{Placement, SandboxRecord, StateDir, StateError, TRIM_HOLDER};
+use crate::slots::{self, SlotError, SlotSetup};
+use crate::state::{Placement, SandboxRecord, StateDir, StateError, RECYCLE_HOLDER, TRIM_HOLDER};
+
+/// How many released slots may wait for the refill thread. Past that the refill is not keeping up
+/// (it is one thread among the sandboxes' threads) and `release` recycles its slot itself: the
+/// releasing thread, not the next acquire, pays for the backlog.
+const RECYCLE_BACKLOG: usize = 8;
 
 /// How many stale free-list entries an acquire skips before giving up (each skip means another
 /// process claimed that slot first).
@@ -89,6 +94,16 @@ pub struct PoolStats {
     pub slots_created: u64,
     /// Slots removed by the refill because releases overfilled the pool.
     pub slots_trimmed: u64,
+    /// Released slots waiting for the refill to recycle them (this process's).
+    pub recycling: usize,
+    /// Released slots reset and returned to the pool (inline or by the refill).
+    pub recycled: u64,
+    /// Acquires served by a slot already pre-limited with the asked shape: no limit file read
+    /// or written.
+    pub prelimited_hits: u64,
+    /// Limit files acquires wrote, and left alone because they already held the value.
+    pub limit_writes: u64,
+    pub limit_writes_skipped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +114,10 @@ struct Counters {
     released: AtomicU64,
     slots_created: AtomicU64,
     slots_trimmed: AtomicU64,
+    recycled: AtomicU64,
+    prelimited_hits: AtomicU64,
+    limit_writes: AtomicU64,
+    limit_writes_skipped: AtomicU64,
 }
 
 /// What the pool shares with its refill thread.
@@ -117,6 +136,35 @@ pub(crate) struct PoolCore {
     /// Slots the last reconcile found with tasks in them: never handed out until a later
     /// reconcile finds them empty.
     pub(crate) quarantine: Mutex<BTreeSet<String>>,
+    /// How new and recycled slots are prepared (default shape, v1 load balancing).
+    pub(crate) setup: SlotSetup,
+    /// Released slots (v1: renamed `recycle-<slot>`; v2: claimed by [`RECYCLE_HOLDER`]) that
+    /// this process still has to reset and return. Lock order: `free` before this.
+    recycling: Mutex<Vec<String>>,
+    /// Set by a release that queued a slot, cleared by the refill when it starts a pass (a slot
+    /// queued again because tasks are in it waits for the next interval, not a busy loop).
+    pub(crate) recycle_wanted: AtomicBool,
+    /// rund's parent directory in each hierarchy (in `hierarchy.mounts` order), held open for
+    /// renames of its children.
+    parent_dirs: Vec<cgroupfs::ParentDir>,
+}
+
+/// How a slot is claimed: by renaming it (v1's default: kernfs renames atomically, and the held
+/// cgroup is named after its sandbox) or by an `O_EXCL` claim file in the state directory (v2,
+/// where rename is refused, and v1 with [`V1Claim::File`]: no cgroup lock taken on acquire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotClaim {
+    Rename,
+    File,
+}
+
+/// How one recycle went.
+enum Recycled {
+    Done,
+    /// Tasks are in it: left out of the pool, tried again later.
+    Busy,
+    /// No longer ours (a reconcile reclaimed it): dropped from the queue.
+    Gone,
 }
 
 /// How a claim on one slot went.
@@ -148,6 +196,23 @@ impl CgroupPool {
         let hierarchy = Hierarchy::resolve(config.version, config.mounts.as_deref())?;
         let parent = parent::prepare_owned(&hierarchy, &relative)?;
         let state = StateDir::open(&config.state_dir)?;
+        let shape = match &config.default_shape {
+            Some(res) => {
+                let limits = Limits::from_oci(res, hierarchy.version)?;
+                check_controllers(&hierarchy, &parent, &limits, &parent.child_controllers)?;
+                Some(limits)
+            }
+            None => None,
+        };
+        let setup = SlotSetup {
+            shape,
+            v1_no_load_balance: v1_root_balances_load(&hierarchy),
+        };
+        let parent_dirs = parent
+            .dirs(&hierarchy)
+            .iter()
+            .map(|d| cgroupfs::ParentDir::open(d))
+            .collect::<Result<Vec<_>, _>>()?;
         let core = Arc::new(PoolCore {
             hierarchy,
             parent,
@@ -165,6 +230,10 @@ impl CgroupPool {
             ),
             counters: Counters::default(),
             quarantine: Mutex::new(BTreeSet::new()),
+            setup,
+            recycling: Mutex::new(Vec::new()),
+            recycle_wanted: AtomicBool::new(false),
+            parent_dirs,
             config,
         });
         let report = reconcile::reconcile(&core, is_alive)?;
@@ -220,6 +289,11 @@ impl CgroupPool {
             released: c.released.load(Ordering::Relaxed),
             slots_created: c.slots_created.load(Ordering::Relaxed),
             slots_trimmed: c.slots_trimmed.load(Ordering::Relaxed),
+            recycling: self.core.lock_recycling().len(),
+            recycled: c.recycled.load(Ordering::Relaxed),
+            prelimited_hits: c.prelimited_hits.load(Ordering::Relaxed),
+            limit_writes: c.limit_writes.load(Ordering::Relaxed),
+            limit_writes_skipped: c.limit_writes_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -245,8 +319,10 @@ impl CgroupPool {
         self.core.acquire_at(id, cgroups_path, resources)
     }
 
-    /// Gives `id`'s cgroup back: refused while it has tasks; limits reset; a pool slot returns to
-    /// the pool (renamed back on v1), a bypass cgroup is removed.
+    /// Gives `id`'s cgroup back: refused while it has tasks. A pool slot is reset (limits back to
+    /// the default shape or the kernel's defaults, memory reclaimed) and returns to the pool
+    /// (renamed back on v1), by the refill thread unless [`PoolConfig::recycle`] says otherwise;
+    /// `id` is free for a new acquire as soon as this returns. A bypass cgroup is removed.
     pub fn release(&self, id: &SandboxId) -> Result<(), PoolError> {
         self.core.release(id)
     }
@@ -257,8 +333,10 @@ impl CgroupPool {
         Ok(record.map(SandboxCgroup::new))
     }
 
-    /// Tops the pool up to its high watermark now, in this thread.
+    /// Recycles the released slots waiting for it, then tops the pool up to its high watermark,
+    /// now, in this thread.
     pub fn refill_now(&self) -> Result<(), PoolError> {
+        self.core.recycle_pending()?;
         self.core.rescan()?;
         self.core.fill_to(self.core.config.high_watermark)
     }
@@ -277,6 +355,11 @@ impl CgroupPool {
     /// empty and rund made them. Held cgroups are left alone (their parent then stays).
     pub fn drain(mut self) -> Result<(), PoolError> {
         self.stop_refill();
+        // Released slots still waiting are recycled first, so that they are removed too (one
+        // with tasks in it stays, and so does the parent).
+        if let Err(e) = self.core.recycle_pending() {
+            log::warn!("cgroup-pool: drain could not recycle every released slot: {e}");
+        }
         let _lock = self.core.state.lock_exclusive()?;
         let mut free = slots::scan_free(&self.core.hierarchy, &self.core.parent, &self.core.state)?;
         {
@@ -327,6 +410,131 @@ impl PoolCore {
         self.lock_free().len()
     }
 
+    /// Renames the directory of a child of rund's parent in hierarchy `i` (the `i`-th of a
+    /// [`CgroupDirs`] made by [`Parent::child_dirs`]).
+    fn rename_child(&self, i: usize, from: &Path, to: &Path) -> Result<(), CgroupFsError> {
+        match self.parent_dirs.get(i) {
+            Some(parent) => parent.rename(from, to),
+            None => cgroupfs::rename(from, to),
+        }
+    }
+
+    pub(crate) fn slot_claim(&self) -> SlotClaim {
+        match (self.hierarchy.version, self.config.v1_claim) {
+            (CgroupVersion::V1, V1Claim::Rename) => SlotClaim::Rename,
+            _ => SlotClaim::File,
+        }
+    }
+
+    pub(crate) fn lock_recycling(&self) -> MutexGuard<'_, Vec<String>> {
+        self.recycling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recycles every released slot waiting for it; one with tasks stays queued for the next
+    /// round. On an error the slot stays queued too, and the error is returned.
+    pub(crate) fn recycle_pending(&self) -> Result<(), PoolError> {
+        let mut busy = Vec::new();
+        let mut result = Ok(());
+        loop {
+            let Some(slot) = self.lock_recycling().pop() else {
+                break;
+            };
+            let outcome = self
+                .state
+                .lock_shared()
+                .map_err(PoolError::from)
+                .and_then(|_lock| self.recycle_locked(&slot));
+            match outcome {
+                Ok(Recycled::Done) | Ok(Recycled::Gone) => {}
+                Ok(Recycled::Busy) => busy.push(slot),
+                Err(e) => {
+                    busy.push(slot);
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.lock_recycling().extend(busy);
+        result
+    }
+
+    /// Resets one released slot and returns it to the pool. The caller holds the state lock.
+    fn recycle_locked(&self, slot: &str) -> Result<Recycled, PoolError> {
+        let dirs = match self.slot_claim() {
+            SlotClaim::Rename => self
+                .parent
+                .child_dirs(&self.hierarchy, &naming::recycle_dir_name(slot)),
+            SlotClaim::File => {
+                if !matches!(self.state.slot_holder(slot)?, Some(None)) {
+                    return Ok(Recycled::Gone);
+                }
+                self.parent.child_dirs(&self.hierarchy, slot)
+            }
+        };
+        if !dirs.dirs[0].path.exists() {
+            if self.slot_claim() == SlotClaim::File {
+                self.state.unclaim_slot(slot)?;
+            }
+            return Ok(Recycled::Gone);
+        }
+        match dirs.threads() {
+            Ok(t) if t.is_empty() => {}
+            Ok(t) => {
+                log::warn!(
+                    "cgroup-pool: released slot {slot} has {} task(s) again (thread {} among them); not recycled while they remain",
+                    t.len(),
+                    t[0]
+                );
+                return Ok(Recycled::Busy);
+            }
+            Err(e) => {
+                log::warn!("cgroup-pool: released slot {slot} not recycled: {e}");
+                return Ok(Recycled::Busy);
+            }
+        }
+        self.setup.recycle(&dirs)?;
+        match self.slot_claim() {
+            SlotClaim::Rename => self.unclaim(slot, &dirs)?,
+            SlotClaim::File => self.state.unclaim_slot(slot)?,
+        }
+        self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+        self.push_free(slot.to_string());
+        Ok(Recycled::Done)
+    }
+
+    /// A dry pool with released slots waiting: recycle one here rather than make a cgroup on the
+    /// start path. The caller holds the state lock. `Ok(true)`: a slot joined the free list.
+    fn recycle_one_now(&self) -> Result<bool, PoolError> {
+        let mut busy = Vec::new();
+        let mut done = false;
+        while let Some(slot) = self.lock_recycling().pop() {
+            match self.recycle_locked(&slot) {
+                Ok(Recycled::Done) => {
+                    done = true;
+                    break;
+                }
+                Ok(Recycled::Gone) => {}
+                Ok(Recycled::Busy) => busy.push(slot),
+                Err(e) => {
+                    busy.push(slot);
+                    self.lock_recycling().extend(busy);
+                    return Err(e);
+                }
+            }
+        }
+        self.lock_recycling().extend(busy);
+        Ok(done)
+    }
+
+    /// Whether `release` leaves the reset to the refill.
+    fn defer_recycle(&self) -> bool {
+        match self.config.recycle {
+            Recycle::Inline => false,
+            Recycle::Refill => self.config.background_refill,
+            Recycle::Deferred => true,
+        }
+    }
+
     fn next_slot_name(&self) -> String {
         naming::slot_name(std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed))
     }
@@ -336,7 +544,7 @@ impl PoolCore {
     fn make_slot(&self) -> Result<String, PoolError> {
         loop {
             let name = self.next_slot_name();
-            match slots::create(&self.hierarchy, &self.parent, &name) {
+            match slots::create(&self.hierarchy, &self.parent, &name, &self.setup) {
                 Ok(()) => return Ok(name),
                 Err(SlotError::Make { source, .. })
                     if cgroupfs::is_already_exists(&source)
@@ -393,9 +601,9 @@ impl PoolCore {
     /// Removes one free slot, owning it first (v1: the lead rmdir; v2: a claim).
     /// `Ok(false)`: another process had taken it.
     fn remove_slot(&self, slot: &str) -> Result<bool, PoolError> {
-        match self.hierarchy.version {
-            CgroupVersion::V1 => Ok(slots::remove(&self.hierarchy, &self.parent, slot)?),
-            CgroupVersion::V2 => {
+        match self.slot_claim() {
+            SlotClaim::Rename => Ok(slots::remove(&self.hierarchy, &self.parent, slot)?),
+            SlotClaim::File => {
                 if !self.state.claim_slot(slot, TRIM_HOLDER)? {
                     return Ok(false);
                 }
@@ -430,30 +638,7 @@ impl PoolCore {
         limits: &Limits,
         child_controllers: &[String],
     ) -> Result<(), PoolError> {
-        for controller in limits.controllers() {
-            let available = match self.hierarchy.version {
-                CgroupVersion::V1 => self
-                    .hierarchy
-                    .mounts
-                    .iter()
-                    .any(|m| m.controllers.iter().any(|c| c == controller)),
-                CgroupVersion::V2 => child_controllers.iter().any(|c| c == controller),
-            };
-            if !available {
-                return Err(LimitsError::MissingController {
-                    controller,
-                    version: self.hierarchy.version,
-                    path: self
-                        .hierarchy
-                        .mounts
-                        .first()
-                        .map(|m| m.mount_point.join(&self.parent.relative))
-                        .unwrap_or_default(),
-                }
-                .into());
-            }
-        }
-        Ok(())
+        check_controllers(&self.hierarchy, &self.parent, limits, child_controllers)
     }
 
     fn acquire(
@@ -468,6 +653,7 @@ impl PoolCore {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let (slot, fallback) = match self.pop_free() {
                 Some(slot) => (slot, false),
+                None if self.recycle_one_now()? => continue,
                 None => (self.make_fallback_slot()?, true),
             };
             let dirs = match self.claim(&slot, id)? {
@@ -491,13 +677,13 @@ impl PoolCore {
                     e => e.into(),
                 });
             }
-            if let Err(e) = limits::apply(&record.dirs, &limits) {
+            if let Err(e) = self.apply_to_claimed(&record.dirs, &limits) {
                 // Put the slot back as it was; the limit error is what the caller needs to see.
-                let _ = limits::reset(&record.dirs);
+                let _ = self.setup.recycle(&record.dirs);
                 self.unclaim(&slot, &record.dirs)?;
                 self.state.remove_record(id)?;
                 self.push_free(slot);
-                return Err(e.into());
+                return Err(e);
             }
             if !fallback {
                 self.counters
@@ -507,6 +693,32 @@ impl PoolCore {
             return Ok(SandboxCgroup::new(record));
         }
         Err(PoolError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
+
+    /// Brings a just-claimed slot to `limits`. A slot pre-limited with exactly these limits (its
+    /// lead directory's shape key) needs nothing; a slot with another shape is reset first (the
+    /// limits it carries that `limits` does not set go back to the defaults); then only the
+    /// files that differ are written.
+    fn apply_to_claimed(&self, dirs: &CgroupDirs, limits: &Limits) -> Result<(), PoolError> {
+        let shape = cgroupfs::read_shape(&dirs.dirs[0].path)?;
+        if shape.as_deref() == Some(limits.shape_key().as_str()) {
+            self.counters
+                .prelimited_hits
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut count = WriteCount::default();
+        if shape.is_some() {
+            count += limits::reset(dirs)?;
+        }
+        count += limits::apply_if_changed(dirs, limits)?;
+        self.counters
+            .limit_writes
+            .fetch_add(count.written, Ordering::Relaxed);
+        self.counters
+            .limit_writes_skipped
+            .fetch_add(count.skipped, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The pool is dry: make a slot on the start path (what the pool exists to avoid).
@@ -526,12 +738,12 @@ impl PoolCore {
 
     fn claim(&self, slot: &str, id: &SandboxId) -> Result<Claim, PoolError> {
         let dirs = self.parent.child_dirs(&self.hierarchy, slot);
-        match self.hierarchy.version {
-            CgroupVersion::V1 => {
+        match self.slot_claim() {
+            SlotClaim::Rename => {
                 let target = naming::sandbox_dir_name(id);
                 let renamed = dirs.renamed(&target);
                 // The lead rename is the claim.
-                if let Err(e) = cgroupfs::rename(&dirs.dirs[0].path, &renamed.dirs[0].path) {
+                if let Err(e) = self.rename_child(0, &dirs.dirs[0].path, &renamed.dirs[0].path) {
                     if cgroupfs::is_not_found(&e) {
                         return Ok(Claim::Lost);
                     }
@@ -541,17 +753,18 @@ impl PoolCore {
                     return Err(e.into());
                 }
                 for i in 1..dirs.dirs.len() {
-                    if let Err(e) = cgroupfs::rename(&dirs.dirs[i].path, &renamed.dirs[i].path) {
+                    if let Err(e) = self.rename_child(i, &dirs.dirs[i].path, &renamed.dirs[i].path)
+                    {
                         // Undo in reverse, lead last (it publishes the slot as free again).
                         for j in (0..i).rev() {
-                            let _ = cgroupfs::rename(&renamed.dirs[j].path, &dirs.dirs[j].path);
+                            let _ = self.rename_child(j, &renamed.dirs[j].path, &dirs.dirs[j].path);
                         }
                         return Err(e.into());
                     }
                 }
                 Ok(Claim::Won(renamed))
             }
-            CgroupVersion::V2 => {
+            SlotClaim::File => {
                 if !self.state.claim_slot(slot, id.as_str())? {
                     return Ok(Claim::Lost);
                 }
@@ -568,14 +781,14 @@ impl PoolCore {
     /// Returns a claimed slot to the free state: renames back on v1 (lead last), drops the claim
     /// on v2.
     pub(crate) fn unclaim(&self, slot: &str, held: &CgroupDirs) -> Result<(), PoolError> {
-        match self.hierarchy.version {
-            CgroupVersion::V1 => {
+        match self.slot_claim() {
+            SlotClaim::Rename => {
                 let free = held.renamed(slot);
                 for i in (1..held.dirs.len()).chain(std::iter::once(0)) {
-                    cgroupfs::rename(&held.dirs[i].path, &free.dirs[i].path)?;
+                    self.rename_child(i, &held.dirs[i].path, &free.dirs[i].path)?;
                 }
             }
-            CgroupVersion::V2 => self.state.unclaim_slot(slot)?,
+            SlotClaim::File => self.state.unclaim_slot(slot)?,
         }
         Ok(())
     }
@@ -675,23 +888,51 @@ impl PoolCore {
             });
         }
         match &record.placement {
+            Placement::Pool { slot }
+                if self.defer_recycle()
+                    && (self.config.recycle == Recycle::Deferred
+                        || self.lock_recycling().len() < RECYCLE_BACKLOG) =>
+            {
+                // Out of the sandbox's name (and record) now, reset later by the refill. A crash
+                // in between leaves a `recycle-` slot (v1) or a claim of nobody's (v2): reconcile
+                // resets and frees it.
+                match self.slot_claim() {
+                    SlotClaim::Rename => {
+                        let parked = record.dirs.renamed(&naming::recycle_dir_name(slot));
+                        for i in (1..record.dirs.dirs.len()).chain(std::iter::once(0)) {
+                            self.rename_child(i, &record.dirs.dirs[i].path, &parked.dirs[i].path)?;
+                        }
+                        self.state.remove_record(id)?;
+                    }
+                    SlotClaim::File => {
+                        self.state.reassign_slot(slot, RECYCLE_HOLDER)?;
+                        self.state.remove_record(id)?;
+                    }
+                }
+                self.lock_recycling().push(slot.clone());
+                self.recycle_wanted.store(true, Ordering::SeqCst);
+                // Under the free-list lock, so the refill cannot miss it between its check and
+                // its wait.
+                let _free = self.lock_free();
+                self.wake.notify_one();
+            }
             Placement::Pool { slot } => {
-                limits::reset(&record.dirs)?;
-                limits::scrub_for_reuse(&record.dirs);
-                match self.hierarchy.version {
+                self.setup.recycle(&record.dirs)?;
+                match self.slot_claim() {
                     // Rename back first, then drop the record: a crash in between leaves a
                     // free slot and a stale record, which reconcile removes.
-                    CgroupVersion::V1 => {
+                    SlotClaim::Rename => {
                         self.unclaim(slot, &record.dirs)?;
                         self.state.remove_record(id)?;
                     }
                     // Drop the record first, then the claim: a crash in between leaves a
                     // claim without record, which reconcile frees.
-                    CgroupVersion::V2 => {
+                    SlotClaim::File => {
                         self.state.remove_record(id)?;
                         self.unclaim(slot, &record.dirs)?;
                     }
                 }
+                self.counters.recycled.fetch_add(1, Ordering::Relaxed);
                 self.push_free(slot.clone());
             }
             Placement::Dictated { .. } => {
@@ -708,4 +949,50 @@ impl PoolCore {
         self.counters.released.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The controllers a limit needs must exist before anything is claimed.
+fn check_controllers(
+    hierarchy: &Hierarchy,
+    parent: &Parent,
+    limits: &Limits,
+    child_controllers: &[String],
+) -> Result<(), PoolError> {
+    for controller in limits.controllers() {
+        let available = match hierarchy.version {
+            CgroupVersion::V1 => hierarchy
+                .mounts
+                .iter()
+                .any(|m| m.controllers.iter().any(|c| c == controller)),
+            CgroupVersion::V2 => child_controllers.iter().any(|c| c == controller),
+        };
+        if !available {
+            return Err(LimitsError::MissingController {
+                controller,
+                version: hierarchy.version,
+                path: hierarchy
+                    .mounts
+                    .first()
+                    .map(|m| m.mount_point.join(&parent.relative))
+                    .unwrap_or_default(),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// v1: whether the root cpuset balances load over all CPUs (the usual case), which makes the
+/// `cpuset.sched_load_balance` flag of the pool's slots irrelevant to the scheduler domains, so
+/// they can switch it off (see [`limits::disable_load_balance`]). Unreadable: no.
+fn v1_root_balances_load(hierarchy: &Hierarchy) -> bool {
+    hierarchy.version == CgroupVersion::V1
+        && hierarchy
+            .mounts
+            .iter()
+            .find(|m| m.controllers.iter().any(|c| c == "cpuset"))
+            .and_then(|m| {
+                cgroupfs::read_to_string(&m.mount_point.join("cpuset.sched_load_balance")).ok()
+            })
+            .is_some_and(|v| v.trim() == "1")
 }

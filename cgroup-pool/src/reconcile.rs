@@ -10,6 +10,8 @@
 //!   is finished (the directory names say who the holder is), and a missing record is rewritten;
 //! - a slot held by a sandbox that no longer exists is reset and returned to the pool (renamed
 //!   back on v1); a bypass cgroup of such a sandbox is removed;
+//! - a released slot the refill had not recycled yet (v1: named `recycle-<slot>`; v2: a claim of
+//!   nobody's) is reset and returned to the pool;
 //! - a half-made or half-removed slot (present in some v1 hierarchies only) is removed;
 //! - records and claims that point at nothing are dropped.
 
@@ -18,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use crate::cgroupfs;
 use crate::hierarchy::{CgroupDir, CgroupDirs, CgroupVersion};
-use crate::limits;
 use crate::naming::{self, Marker};
 use crate::pool::{PoolCore, PoolError};
 use crate::sandbox_id::SandboxId;
@@ -33,6 +34,9 @@ pub struct ReconcileReport {
     pub adopted: Vec<SandboxId>,
     /// Sandboxes gone whose cgroups were reset and returned to the pool, or removed (bypass).
     pub reclaimed: Vec<SandboxId>,
+    /// Released slots found waiting to be recycled (or a v2 claim of nobody's), reset and
+    /// returned to the pool.
+    pub recycled: Vec<String>,
     /// Slots found half-made or half-removed, and removed.
     pub removed_broken: Vec<String>,
     /// Cgroups left alone because tasks remain in them.
@@ -142,6 +146,7 @@ fn slots_v1(
             }
         }
     }
+    let present: BTreeSet<String> = slots.keys().cloned().collect();
     for (slot, names) in slots {
         let current = CgroupDirs {
             version: CgroupVersion::V1,
@@ -156,10 +161,12 @@ fn slots_v1(
                 })
                 .collect(),
         };
+        let parked = |n: &String| naming::slot_of_recycle_dir_name(n) == Some(slot.as_str());
+        let recycling = names.iter().flatten().any(parked);
         let holders: BTreeSet<Option<SandboxId>> = names
             .iter()
             .flatten()
-            .filter(|n| **n != slot)
+            .filter(|n| **n != slot && !parked(n))
             .map(|n| naming::sandbox_of_dir_name(n))
             .collect();
         if holders.len() > 1 || holders.contains(&None) {
@@ -169,19 +176,36 @@ fn slots_v1(
                 .extend(current.paths().map(Path::to_path_buf));
             continue;
         }
-        let holder = holders.into_iter().flatten().next();
+        let mut holder = holders.into_iter().flatten().next();
+        let mut recycling = recycling;
+        // A pool claiming by file (`V1Claim::File`): a slot under its own name may be held, or
+        // parked for recycling, as its claim file says.
+        let mut claimed = false;
+        if holder.is_none() && !recycling {
+            match core.state.slot_holder(&slot)? {
+                Some(Some(id)) => {
+                    holder = Some(id);
+                    claimed = true;
+                }
+                Some(None) => {
+                    recycling = true;
+                    claimed = true;
+                }
+                None => {}
+            }
+        }
         let complete = names.iter().all(Option::is_some);
         if let Some(id) = holder.as_ref().filter(|id| is_alive(id)) {
             seen.insert(id.clone());
-            let held = core
-                .parent
-                .child_dirs(&core.hierarchy, &naming::sandbox_dir_name(id));
+            let held_name = if claimed {
+                slot.clone()
+            } else {
+                naming::sandbox_dir_name(id)
+            };
+            let held = core.parent.child_dirs(&core.hierarchy, &held_name);
             for (i, name) in names.iter().enumerate() {
-                if name.as_deref() == Some(slot.as_str()) {
-                    let from = mounts[i]
-                        .mount_point
-                        .join(&core.parent.relative)
-                        .join(&slot);
+                if let Some(name) = name.as_ref().filter(|n| **n != held_name) {
+                    let from = mounts[i].mount_point.join(&core.parent.relative).join(name);
                     cgroupfs::rename(&from, &held.dirs[i].path)?;
                 }
             }
@@ -207,12 +231,14 @@ fn slots_v1(
             if let Some(id) = &holder {
                 core.state.remove_record(id)?;
             }
+            if claimed {
+                core.state.unclaim_slot(&slot)?;
+            }
             report.removed_broken.push(slot);
             continue;
         }
-        if let Some(id) = holder {
-            limits::reset(&current)?;
-            limits::scrub_for_reuse(&current);
+        if holder.is_some() || recycling {
+            core.setup.recycle(&current)?;
             // Rename back what was renamed, lead hierarchy last (it publishes the slot).
             let free = core.parent.child_dirs(&core.hierarchy, &slot);
             for i in (1..names.len()).chain(std::iter::once(0)) {
@@ -220,10 +246,24 @@ fn slots_v1(
                     cgroupfs::rename(&current.dirs[i].path, &free.dirs[i].path)?;
                 }
             }
-            core.state.remove_record(&id)?;
-            report.reclaimed.push(id);
+            match holder {
+                Some(id) => {
+                    core.state.remove_record(&id)?;
+                    report.reclaimed.push(id);
+                }
+                None => report.recycled.push(slot.clone()),
+            }
+            if claimed {
+                core.state.unclaim_slot(&slot)?;
+            }
         }
         report.free_slots += 1;
+    }
+    for slot in core.state.claimed_slots()? {
+        if !present.contains(&slot) {
+            core.state.unclaim_slot(&slot)?;
+            report.stale_records.push(format!("claim {slot}"));
+        }
     }
     Ok(())
 }
@@ -272,14 +312,18 @@ fn slots_v2(
         }
         match holder {
             Some(Some(id)) => {
-                limits::reset(&dirs)?;
-                limits::scrub_for_reuse(&dirs);
+                core.setup.recycle(&dirs)?;
                 core.state.remove_record(&id)?;
                 core.state.unclaim_slot(&name)?;
                 report.reclaimed.push(id);
             }
-            // An interrupted trim, or a claim that names nobody.
-            Some(None) => core.state.unclaim_slot(&name)?,
+            // A released slot not recycled yet, an interrupted trim, or a claim that names
+            // nobody.
+            Some(None) => {
+                core.setup.recycle(&dirs)?;
+                core.state.unclaim_slot(&name)?;
+                report.recycled.push(name.clone());
+            }
             None => {}
         }
         report.free_slots += 1;

@@ -170,6 +170,31 @@ impl Limits {
         Ok(l)
     }
 
+    /// A canonical text of the values these limits write (not the ignored fields): two limits
+    /// with the same key leave the same files. Stored on pre-limited free slots
+    /// ([`crate::naming::SHAPE_XATTR`]).
+    pub fn shape_key(&self) -> String {
+        fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+            v.as_ref().map_or_else(|| "-".to_string(), T::to_string)
+        }
+        let pids = match self.pids {
+            None => "-".to_string(),
+            Some(None) => "max".to_string(),
+            Some(Some(n)) => n.to_string(),
+        };
+        format!(
+            "v1;w={};q={};p={};c={};m={};mem={};sw={};pids={}",
+            opt(&self.cpu_weight),
+            opt(&self.cpu_quota),
+            opt(&self.cpu_period),
+            opt(&self.cpus),
+            opt(&self.mems),
+            opt(&self.memory),
+            opt(&self.swap),
+            pids
+        )
+    }
+
     /// The controllers these limits write to.
     pub fn controllers(&self) -> Vec<&'static str> {
         let mut c = Vec::new();
@@ -299,6 +324,21 @@ mod tests {
             Limits::from_oci(&pids, CgroupVersion::V1).unwrap().pids,
             Some(None)
         );
+    }
+
+    #[test]
+    fn shape_keys_tell_limits_apart_and_ignore_ignored_fields() {
+        let a = Limits {
+            cpu_weight: Some(512),
+            pids: Some(Some(64)),
+            ..Limits::default()
+        };
+        let mut b = a.clone();
+        b.ignored.push("devices");
+        assert_eq!(a.shape_key(), b.shape_key());
+        b.pids = Some(None);
+        assert_ne!(a.shape_key(), b.shape_key());
+        assert_ne!(Limits::default().shape_key(), a.shape_key());
     }
 
     #[test]

@@ -70,6 +70,10 @@ impl SandboxRecord {
 /// The claim a slot carries while it is being removed: not a valid sandbox id, so nobody's.
 pub const TRIM_HOLDER: &str = "-trim-";
 
+/// The claim a released v2 slot carries until the refill has recycled it: nobody's, so a
+/// reconcile resets and frees it.
+pub const RECYCLE_HOLDER: &str = "-recycle-";
+
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// rund's cgroup state directory.
@@ -163,19 +167,43 @@ impl StateDir {
         Ok(tmp)
     }
 
+    /// Publishes a complete file at `target` unless the name exists (`Ok(false)`): atomic and
+    /// exclusive. An unnamed `O_TMPFILE` linked into place when the filesystem offers it (one
+    /// directory operation, nothing to clean up after a crash), else a temporary name linked and
+    /// then removed.
+    fn publish_exclusive(&self, target: &Path, bytes: &[u8]) -> Result<bool, StateError> {
+        let exists = |e: &io::Error| e.kind() == io::ErrorKind::AlreadyExists;
+        if let Some(linked) = link_tmpfile(target, bytes) {
+            return match linked {
+                Ok(()) => Ok(true),
+                Err(e) if exists(&e) => Ok(false),
+                Err(source) => Err(StateError::Write {
+                    path: target.to_path_buf(),
+                    source,
+                }),
+            };
+        }
+        let tmp = self.write_temp(target, bytes)?;
+        // link(2) publishes the complete file and fails if the name exists.
+        let linked = fs::hard_link(&tmp, target);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if exists(&e) => Ok(false),
+            Err(source) => Err(StateError::Write {
+                path: target.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
     /// Records a sandbox's cgroup; fails with [`StateError::AlreadyRecorded`] if it has one.
     pub fn create_record(&self, record: &SandboxRecord) -> Result<(), StateError> {
         let path = self.record_path(&record.sandbox_id);
-        let tmp = self.write_temp(&path, &to_json(record))?;
-        // link(2) publishes the complete file and fails if the name exists: atomic and exclusive.
-        let linked = fs::hard_link(&tmp, &path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                Err(StateError::AlreadyRecorded(record.sandbox_id.clone()))
-            }
-            Err(source) => Err(StateError::Write { path, source }),
+        if self.publish_exclusive(&path, &to_json(record))? {
+            Ok(())
+        } else {
+            Err(StateError::AlreadyRecorded(record.sandbox_id.clone()))
         }
     }
 
@@ -216,15 +244,18 @@ impl StateDir {
     /// Claims a v2 slot for `holder` (a sandbox id, or [`TRIM_HOLDER`] while the refill removes
     /// the slot). `Ok(false)`: someone else holds it.
     pub fn claim_slot(&self, slot: &str, holder: &str) -> Result<bool, StateError> {
+        self.publish_exclusive(&self.claim_path(slot), holder.as_bytes())
+    }
+
+    /// Hands a claimed v2 slot over to another holder (the sandbox's claim becomes
+    /// [`RECYCLE_HOLDER`]'s) in one atomic rename.
+    pub fn reassign_slot(&self, slot: &str, holder: &str) -> Result<(), StateError> {
         let path = self.claim_path(slot);
         let tmp = self.write_temp(&path, holder.as_bytes())?;
-        let linked = fs::hard_link(&tmp, &path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(source) => Err(StateError::Write { path, source }),
-        }
+        fs::rename(&tmp, &path).map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            StateError::Write { path, source }
+        })
     }
 
     pub fn unclaim_slot(&self, slot: &str) -> Result<(), StateError> {
@@ -261,6 +292,35 @@ impl StateDir {
             }
         }
         Ok(n)
+    }
+}
+
+/// Writes `bytes` to an unnamed file in `target`'s directory and links it at `target`
+/// (`linkat` of the descriptor, `AT_EMPTY_PATH`: needs `CAP_DAC_READ_SEARCH`, which rund has as
+/// root). `None` when that is not possible here (no `O_TMPFILE` on this filesystem, or no
+/// permission): the caller then uses a temporary name.
+fn link_tmpfile(target: &Path, bytes: &[u8]) -> Option<io::Result<()>> {
+    use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+    let dir = target.parent()?;
+    let fd = rustix::fs::openat(
+        CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .ok()?;
+    let mut file = File::from(fd);
+    if let Err(e) = file.write_all(bytes) {
+        return Some(Err(e));
+    }
+    match rustix::fs::linkat(&file, "", CWD, target, AtFlags::EMPTY_PATH) {
+        Ok(()) => Some(Ok(())),
+        Err(rustix::io::Errno::EXIST) => Some(Err(io::ErrorKind::AlreadyExists.into())),
+        // No permission for AT_EMPTY_PATH, or a filesystem that cannot: use a temporary name.
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM | rustix::io::Errno::OPNOTSUPP) => {
+            None
+        }
+        Err(e) => Some(Err(e.into())),
     }
 }
 

@@ -163,3 +163,91 @@ fn v1_reconcile_after_a_crash() {
     drop(sleeper);
     pool.drain().unwrap();
 }
+
+#[test]
+fn v1_prelimited_slot_is_handed_out_without_writes() {
+    if let Some(env) = env(&["cpu", "cpuset", "memory", "pids"]) {
+        scenarios::prelimited_slots(&env);
+    }
+}
+
+#[test]
+fn v1_unchanged_limits_are_not_written() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::unchanged_limits_are_not_written(&env);
+    }
+}
+
+#[test]
+fn v1_refill_thread_recycles_released_slots() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::refill_thread_recycles(&env);
+    }
+}
+
+#[test]
+fn v1_released_slot_with_tasks_is_never_recycled() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::busy_released_slot_is_not_recycled(&env);
+    }
+}
+
+/// The same pool claiming v1 slots by file (`V1Claim::File`): no rename on acquire.
+fn env_file_claims(needed: &[&str]) -> Option<TestEnv> {
+    env(needed).map(|mut e| {
+        e.v1_claim = cgroup_pool::V1Claim::File;
+        e
+    })
+}
+
+#[test]
+fn v1_file_claims_acquire_release_with_limits_and_a_process() {
+    if let Some(env) = env_file_claims(&["cpu", "cpuset", "memory", "pids"]) {
+        scenarios::acquire_release_with_limits(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_hundred_concurrent_acquires() {
+    if let Some(env) = env_file_claims(&[]) {
+        scenarios::hundred_concurrent_acquires(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_prelimited_slot_is_handed_out_without_writes() {
+    if let Some(env) = env_file_claims(&["cpu", "cpuset", "memory", "pids"]) {
+        scenarios::prelimited_slots(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_refill_thread_recycles_released_slots() {
+    if let Some(env) = env_file_claims(&["pids"]) {
+        scenarios::refill_thread_recycles(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_released_slot_with_tasks_is_never_recycled() {
+    if let Some(env) = env_file_claims(&["pids"]) {
+        scenarios::busy_released_slot_is_not_recycled(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_dry_pool_and_bad_input() {
+    if let Some(env) = env_file_claims(&[]) {
+        scenarios::dry_pool_falls_back(&env);
+    }
+    if let Some(env) = env_file_claims(&[]) {
+        scenarios::bad_input_leaks_nothing(&env);
+    }
+}
+
+#[test]
+fn v1_file_claims_reconcile_after_a_crash() {
+    if let Some(env) = env_file_claims(&["pids"]) {
+        scenarios::reconcile_claim_files(&env);
+    }
+}

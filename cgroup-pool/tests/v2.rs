@@ -168,3 +168,38 @@ fn pool_slot(pool: &CgroupPool, sb: &str) -> String {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn v2_prelimited_slot_is_handed_out_without_writes() {
+    if let Some(env) = env(ALL) {
+        scenarios::prelimited_slots(&env);
+    }
+}
+
+#[test]
+fn v2_unchanged_limits_are_not_written() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::unchanged_limits_are_not_written(&env);
+    }
+}
+
+#[test]
+fn v2_refill_thread_recycles_released_slots() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::refill_thread_recycles(&env);
+    }
+}
+
+#[test]
+fn v2_released_slot_with_tasks_is_never_recycled() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::busy_released_slot_is_not_recycled(&env);
+    }
+}
+
+#[test]
+fn v2_reconcile_claims_after_a_crash() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::reconcile_claim_files(&env);
+    }
+}

@@ -20,6 +20,8 @@ pub struct TestEnv {
     pub state_dir: PathBuf,
     pub version: CgroupVersion,
     pub mounts: Vec<PathBuf>,
+    /// How a v1 pool claims slots (rename unless a test asks for claim files).
+    pub v1_claim: cgroup_pool::V1Claim,
 }
 
 impl TestEnv {
@@ -34,7 +36,13 @@ impl TestEnv {
             state_dir: std::env::temp_dir().join(format!("rund-cgroup-pool-test-{tag}")),
             version,
             mounts,
+            v1_claim: cgroup_pool::V1Claim::Rename,
         }
+    }
+
+    /// Whether held slots are renamed (`sandbox-<id>`) and released ones parked as `recycle-…`.
+    pub fn renames(&self) -> bool {
+        self.version == CgroupVersion::V1 && self.v1_claim == cgroup_pool::V1Claim::Rename
     }
 
     pub fn config(&self) -> PoolConfig {
@@ -47,6 +55,9 @@ impl TestEnv {
             high_watermark: 4,
             refill_interval: Duration::from_millis(200),
             background_refill: false,
+            default_shape: None,
+            recycle: cgroup_pool::Recycle::Refill,
+            v1_claim: self.v1_claim,
         }
     }
 

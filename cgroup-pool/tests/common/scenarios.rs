@@ -89,12 +89,14 @@ pub fn acquire_release_with_limits(env: &TestEnv) {
             cgroupfs::read_marker(&p).unwrap(),
             Some(Marker::Slot(slot.clone()))
         );
-        if !v2 {
+        if env.renames() {
             assert!(
                 p.ends_with(format!("sandbox-{sb}")),
                 "renamed on v1: {}",
                 p.display()
             );
+        } else {
+            assert!(p.ends_with(&slot), "kept its slot name: {}", p.display());
         }
     }
 
@@ -394,4 +396,348 @@ pub fn exists_all(paths: &[PathBuf]) -> bool {
 
 pub fn tasks_in(p: &Path) -> String {
     read(&p.join("cgroup.procs"))
+}
+
+/// The directory of `name` (a slot or a parked `recycle-` slot) where `controller` acts.
+fn child_dir(env: &TestEnv, name: &str, controller: &str) -> PathBuf {
+    if env.version == CgroupVersion::V2 {
+        return env.mounts[0].join(&env.parent).join(name);
+    }
+    env.mounts
+        .iter()
+        .find(|m| m.ends_with(controller))
+        .unwrap_or_else(|| panic!("no {controller} mount in {:?}", env.mounts))
+        .join(&env.parent)
+        .join(name)
+}
+
+/// The files of `limits(false)` (the shape of the tests below), in the directories `dir` names.
+fn assert_shape_files(env: &TestEnv, dir: &dyn Fn(&str) -> PathBuf) {
+    if env.version == CgroupVersion::V2 {
+        let d = dir("cpu");
+        assert_eq!(read(&d.join("cpu.weight")), "59");
+        assert_eq!(read(&d.join("cpu.max")), "50000 100000");
+        assert_eq!(read(&d.join("cpuset.cpus")), "0");
+        assert_eq!(read(&d.join("memory.max")), (64u64 << 20).to_string());
+        assert_eq!(read(&d.join("pids.max")), "64");
+    } else {
+        assert_eq!(read(&dir("cpu").join("cpu.shares")), "512");
+        assert_eq!(read(&dir("cpu").join("cpu.cfs_quota_us")), "50000");
+        assert_eq!(read(&dir("cpuset").join("cpuset.cpus")), "0");
+        assert_eq!(
+            read(&dir("memory").join("memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read(&dir("pids").join("pids.max")), "64");
+    }
+}
+
+/// cpu and memory at the kernel's defaults (pids is checked by the callers).
+fn assert_cpu_memory_defaults(env: &TestEnv, dir: &dyn Fn(&str) -> PathBuf) {
+    if env.version == CgroupVersion::V2 {
+        let d = dir("cpu");
+        assert_eq!(read(&d.join("cpu.weight")), "100");
+        assert_eq!(read(&d.join("cpu.max")), "max 100000");
+        assert_eq!(read(&d.join("memory.max")), "max");
+        assert_eq!(read(&d.join("cpuset.cpus")), "");
+    } else {
+        assert_eq!(read(&dir("cpu").join("cpu.shares")), "1024");
+        assert_eq!(read(&dir("cpu").join("cpu.cfs_quota_us")), "-1");
+        let limit: u64 = read(&dir("memory").join("memory.limit_in_bytes"))
+            .parse()
+            .unwrap();
+        assert!(limit > 1 << 60, "memory unlimited: {limit}");
+        let cpuset = dir("cpuset");
+        let parent_cpus = read(&cpuset.parent().unwrap().join("cpuset.cpus"));
+        assert_eq!(read(&cpuset.join("cpuset.cpus")), parent_cpus);
+    }
+}
+
+fn free_slots_on_disk(env: &TestEnv) -> Vec<String> {
+    let lead = env.mounts[0].join(&env.parent);
+    cgroupfs::child_dirs(&lead)
+        .unwrap()
+        .into_iter()
+        .filter(|n| cgroup_pool::naming::is_slot_name(n))
+        .collect()
+}
+
+fn slot_of(cg: &SandboxCgroup) -> String {
+    match cg.placement() {
+        Placement::Pool { slot } => slot.clone(),
+        other => panic!("not a pool cgroup: {other:?}"),
+    }
+}
+
+/// A pool with a default shape keeps its free slots pre-limited (the files already hold the
+/// shape, the lead directory says so), hands one out for that shape without reading or writing a
+/// limit file, gives another shape its own limits (and the defaults for what it does not set),
+/// and recycles released slots back to the shape.
+pub fn prelimited_slots(env: &TestEnv) {
+    let mut config = env.config();
+    config.default_shape = Some(limits(false));
+    let (pool, _) = CgroupPool::start(config, &is_alive_none).unwrap();
+    let free = free_slots_on_disk(env);
+    assert_eq!(free.len(), 2, "{free:?}");
+    let key = cgroup_pool::resources::Limits::from_oci(&limits(false), env.version)
+        .unwrap()
+        .shape_key();
+    for slot in &free {
+        assert_shape_files(env, &|c| child_dir(env, slot, c));
+        let lead = pool.hierarchy().mounts[0]
+            .mount_point
+            .join(&env.parent)
+            .join(slot);
+        assert_eq!(cgroupfs::read_shape(&lead).unwrap(), Some(key.clone()));
+    }
+
+    let cg = pool.acquire(&id("shaped"), &limits(false)).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.prelimited_hits, 1, "{s:?}");
+    assert_eq!((s.limit_writes, s.limit_writes_skipped), (0, 0), "{s:?}");
+    assert_shape_files(env, &|c| dir(&cg, c));
+
+    // Another shape: pids only. The shape's other limits go back to the defaults.
+    let pids10 = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(10i64).build().unwrap())
+        .build()
+        .unwrap();
+    let other = pool.acquire(&id("other"), &pids10).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.prelimited_hits, 1, "{s:?}");
+    assert!(s.limit_writes >= 1, "{s:?}");
+    assert_eq!(read(&dir(&other, "pids").join("pids.max")), "10");
+    assert_cpu_memory_defaults(env, &|c| dir(&other, c));
+
+    // Released (recycled inline: no refill thread here), both come back pre-limited.
+    let slots = [slot_of(&cg), slot_of(&other)];
+    pool.release(&id("shaped")).unwrap();
+    pool.release(&id("other")).unwrap();
+    assert_eq!(pool.stats().recycled, 2);
+    for slot in &slots {
+        assert_shape_files(env, &|c| child_dir(env, slot, c));
+        let lead = pool.hierarchy().mounts[0]
+            .mount_point
+            .join(&env.parent)
+            .join(slot);
+        assert_eq!(cgroupfs::read_shape(&lead).unwrap(), Some(key.clone()));
+    }
+    pool.drain().unwrap();
+}
+
+/// A limit already in place is not written again: an acquire writes what differs from the
+/// slot's defaults, and applying the same limits again writes nothing.
+pub fn unchanged_limits_are_not_written(env: &TestEnv) {
+    let (pool, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    let pids64 = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(64i64).build().unwrap())
+        .build()
+        .unwrap();
+    let cg = pool.acquire(&id("skip"), &pids64).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.limit_writes, s.limit_writes_skipped), (1, 0), "{s:?}");
+    let l = cgroup_pool::resources::Limits::from_oci(&pids64, env.version).unwrap();
+    let again = cgroup_pool::limits::apply_if_changed(cg.dirs(), &l).unwrap();
+    assert_eq!((again.written, again.skipped), (0, 1));
+    // "max" (the default) is in place on a fresh slot too: skipped.
+    let max = cgroup_pool::resources::Limits {
+        pids: Some(None),
+        ..Default::default()
+    };
+    let fresh = pool.acquire(&id("skip-2"), &no_limits()).unwrap();
+    let count = cgroup_pool::limits::apply_if_changed(fresh.dirs(), &max).unwrap();
+    assert_eq!((count.written, count.skipped), (0, 1));
+    assert_eq!(read(&dir(&cg, "pids").join("pids.max")), "64");
+    // Reset writes only what differs from the defaults: pids.max here.
+    let reset = cgroup_pool::limits::reset(cg.dirs()).unwrap();
+    assert_eq!(reset.written, 1, "{reset:?}");
+    assert_eq!(read(&dir(&cg, "pids").join("pids.max")), "max");
+    pool.release(&id("skip")).unwrap();
+    pool.release(&id("skip-2")).unwrap();
+    pool.drain().unwrap();
+}
+
+/// With the refill thread running, `release` returns at once (the sandbox id is free again
+/// right away) and the thread resets the slot and returns it: nothing is left parked, no record
+/// or claim stays, and drain leaves nothing behind.
+pub fn refill_thread_recycles(env: &TestEnv) {
+    let mut config = env.config();
+    config.background_refill = true;
+    config.refill_interval = std::time::Duration::from_secs(30);
+    let pids7 = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(7i64).build().unwrap())
+        .build()
+        .unwrap();
+    let (pool, _) = CgroupPool::start(config, &is_alive_none).unwrap();
+    let cg = pool.acquire(&id("cycle"), &pids7).unwrap();
+    let first = slot_of(&cg);
+    pool.release(&id("cycle")).unwrap();
+    // The id is free at once, whether or not the refill got to the slot yet.
+    let again = pool.acquire(&id("cycle"), &pids7).unwrap();
+    pool.release(again.sandbox_id()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = pool.stats();
+        if s.recycled == 2 && s.recycling == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not recycled: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Back under its slot name with the defaults (unless the refill trimmed it: it keeps at most
+    // the high watermark); nothing parked, recorded or claimed.
+    if free_slots_on_disk(env).contains(&first) {
+        assert_eq!(
+            read(&child_dir(env, &first, "pids").join("pids.max")),
+            "max"
+        );
+    } else {
+        assert!(pool.stats().slots_trimmed > 0, "{:?}", pool.stats());
+    }
+    for parent in env.parent_dirs() {
+        for name in cgroupfs::child_dirs(&parent).unwrap() {
+            assert!(
+                cgroup_pool::naming::is_slot_name(&name),
+                "left behind: {}",
+                parent.join(name).display()
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("claims"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("sandboxes"))
+            .unwrap()
+            .count(),
+        0
+    );
+    pool.drain().unwrap();
+    for p in env.parent_dirs() {
+        assert!(!p.exists(), "drain removed {}", p.display());
+    }
+}
+
+/// A released slot with a task in it (someone moved one in after the release) is never reset or
+/// handed out; once the task is gone the refill recycles it. A crash with a released slot not
+/// yet recycled leaves it to the next start's reconcile, which resets and frees it.
+pub fn busy_released_slot_is_not_recycled(env: &TestEnv) {
+    let mut config = env.config();
+    config.recycle = cgroup_pool::Recycle::Deferred;
+    let pids7 = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(7i64).build().unwrap())
+        .build()
+        .unwrap();
+    let (pool, _) = CgroupPool::start(config.clone(), &is_alive_none).unwrap();
+    let cg = pool.acquire(&id("busy"), &pids7).unwrap();
+    let slot = slot_of(&cg);
+    pool.release(&id("busy")).unwrap();
+    assert_eq!(pool.stats().recycling, 1);
+    let parked_name = if env.renames() {
+        cgroup_pool::naming::recycle_dir_name(&slot)
+    } else {
+        slot.clone()
+    };
+    let parked: Vec<PathBuf> = env
+        .parent_dirs()
+        .iter()
+        .map(|p| p.join(&parked_name))
+        .collect();
+    assert!(exists_all(&parked));
+    let sleeper = Sleeper::spawn();
+    for p in &parked {
+        std::fs::write(p.join("cgroup.procs"), sleeper.pid().to_string()).unwrap();
+    }
+    pool.refill_now().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.recycling, s.recycled), (1, 0), "{s:?}");
+    for p in &parked {
+        assert_eq!(tasks_in(p), sleeper.pid().to_string());
+    }
+    assert_eq!(
+        read(&child_dir(env, &parked_name, "pids").join("pids.max")),
+        "7"
+    );
+    if env.renames() {
+        assert!(!free_slots_on_disk(env).contains(&slot));
+    } else {
+        assert!(env.state_dir.join("claims").join(&slot).exists());
+    }
+    drop(sleeper);
+    pool.refill_now().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.recycling, s.recycled), (0, 1), "{s:?}");
+    assert!(free_slots_on_disk(env).contains(&slot));
+    assert_eq!(read(&child_dir(env, &slot, "pids").join("pids.max")), "max");
+
+    // A "crash" with a released slot still parked: the next start resets and frees it.
+    let cg = pool.acquire(&id("crash"), &pids7).unwrap();
+    let slot = slot_of(&cg);
+    pool.release(&id("crash")).unwrap();
+    drop(pool);
+    let (pool, report) = CgroupPool::start(config, &is_alive_none).unwrap();
+    assert_eq!(report.recycled, vec![slot.clone()], "{report:?}");
+    assert!(free_slots_on_disk(env).contains(&slot));
+    assert_eq!(read(&child_dir(env, &slot, "pids").join("pids.max")), "max");
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("claims"))
+            .unwrap()
+            .count(),
+        0
+    );
+    pool.drain().unwrap();
+}
+
+/// A pool claiming by file (v2, or v1 with `V1Claim::File`) after a crash: a live sandbox's slot
+/// is adopted (its record rewritten), a dead one's is reset and freed, a parked released one is
+/// recycled; the slots keep their names throughout.
+pub fn reconcile_claim_files(env: &TestEnv) {
+    let mut config = env.config();
+    config.recycle = cgroup_pool::Recycle::Deferred;
+    let pids7 = LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(7i64).build().unwrap())
+        .build()
+        .unwrap();
+    let (pool, _) = CgroupPool::start(config.clone(), &is_alive_none).unwrap();
+    let live = pool.acquire(&id("live"), &pids7).unwrap();
+    let dead = pool.acquire(&id("dead"), &pids7).unwrap();
+    let parked = pool.acquire(&id("parked"), &pids7).unwrap();
+    pool.release(&id("parked")).unwrap();
+    let (live_slot, dead_slot, parked_slot) = (slot_of(&live), slot_of(&dead), slot_of(&parked));
+    // Lose the live sandbox's record too: reconcile rewrites it from the claim.
+    std::fs::remove_file(env.state_dir.join("sandboxes/live.json")).unwrap();
+    drop(pool); // the "crash"
+
+    let alive = |s: &cgroup_pool::SandboxId| s.as_str() == "live";
+    let (pool, report) = CgroupPool::start(config, &alive).unwrap();
+    assert_eq!(report.adopted, vec![id("live")], "{report:?}");
+    assert_eq!(report.reclaimed, vec![id("dead")], "{report:?}");
+    assert_eq!(report.recycled, vec![parked_slot.clone()], "{report:?}");
+    let found = pool.find(&id("live")).unwrap().unwrap();
+    assert_eq!(found.paths(), live.paths());
+    assert_eq!(read(&dir(&found, "pids").join("pids.max")), "7");
+    let free = free_slots_on_disk(env);
+    for slot in [&dead_slot, &parked_slot] {
+        assert!(free.contains(slot), "{slot} free again: {free:?}");
+        assert_eq!(read(&child_dir(env, slot, "pids").join("pids.max")), "max");
+    }
+    assert!(pool.find(&id("dead")).unwrap().is_none());
+    let claims: Vec<String> = std::fs::read_dir(env.state_dir.join("claims"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        claims,
+        vec![live_slot],
+        "only the live sandbox's claim is left"
+    );
+    pool.release(&id("live")).unwrap();
+    pool.refill_now().unwrap();
+    pool.drain().unwrap();
+    for p in env.parent_dirs() {
+        assert!(!p.exists(), "drain removed {}", p.display());
+    }
 }
