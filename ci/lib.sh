@@ -14,3 +14,14 @@ in_guest_capable_kvm() {
         "$@"
     fi
 }
+
+# Paths of the executables cargo builds for `cargo "$@" --no-run` (e.g. `test -p x --test y`,
+# `bench -p x --bench y`), one per line.
+cargo_executables() {
+    cargo "$@" --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (m["profile"]["test"] or m["target"]["kind"] == ["bench"]):
+        print(m["executable"])'
+}

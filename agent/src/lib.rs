@@ -1,3 +1,24 @@
 //! rund's guest agent: PID 1 of every sandbox microVM, serving the shim over ttrpc on vsock.
 //!
-//! See README.md beside this crate; the crate has no code yet.
+//! One job per module:
+//! - [`init`]: PID 1's mounts (proc, sys, dev, cgroups);
+//! - [`reaper`]: the one SIGCHLD reaper, dispatching exit statuses by pid;
+//! - [`server`]: where the agent listens (vsock, or a unix socket for tests on a host);
+//! - [`rpc`]: the ttrpc service, checking requests and mapping errors to statuses;
+//! - [`registry`]: containers and processes by id;
+//! - [`container`]: the OCI runtime (youki's libcontainer) and the containers' cgroups;
+//! - [`stdio`]: pipes and ptys with back-pressure;
+//! - [`storage`]: storages, the overlay root, path checks;
+//! - [`identity`]: hostname, entropy and clock for a sandbox restored from a template.
+//!
+//! The protocol (messages, services, client) is the `agent-protocol` crate beside this one.
+
+pub mod container;
+pub mod identity;
+pub mod init;
+pub mod reaper;
+pub mod registry;
+pub mod rpc;
+pub mod server;
+pub mod stdio;
+pub mod storage;

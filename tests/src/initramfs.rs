@@ -8,6 +8,8 @@ use cpio::NewcBuilder;
 const DIR: u32 = 0o040_755;
 const EXEC: u32 = 0o100_755;
 const CHAR_DEV: u32 = 0o020_600;
+/// S_IFREG: cpio modes carry the file type.
+const REGULAR: u32 = 0o100_000;
 
 /// The init that prints the marker with the guest's CPU count and memory, then reboots.
 pub const MARKER_INIT: &str = "#!/bin/busybox sh
@@ -21,24 +23,125 @@ pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Packs `busybox` and `init` (a script) into an initramfs at `out`.
 pub fn write_busybox_initramfs(busybox: &Path, init: &str, out: &Path) -> std::io::Result<()> {
-    let busybox = std::fs::read(busybox)?;
-    let entry = |name: &str, mode: u32| NewcBuilder::new(name).mode(mode).nlink(1);
-    let empty = || Cursor::new(Vec::new());
-    let entries = vec![
-        (entry("bin", DIR), empty()),
-        (entry("dev", DIR), empty()),
+    let mut b = Initramfs::new(busybox)?;
+    b.init(init);
+    b.write(out)
+}
+
+struct Entry {
+    path: String,
+    mode: u32,
+    /// A device node's (major, minor).
+    rdev: Option<(u32, u32)>,
+    contents: Vec<u8>,
+}
+
+/// An initramfs being put together: busybox, an init script, and host programs with exactly the
+/// shared libraries they load (found with lddtree, at the same paths as on the host).
+pub struct Initramfs {
+    /// In the order they are packed.
+    entries: Vec<Entry>,
+    /// Guest paths already added (parents and shared libraries are added once).
+    present: std::collections::HashSet<String>,
+}
+
+impl Initramfs {
+    /// busybox at /bin/busybox, the directories the kernel and init need, and /dev/console.
+    pub fn new(busybox: &Path) -> std::io::Result<Self> {
+        let mut b = Initramfs {
+            entries: Vec::new(),
+            present: Default::default(),
+        };
+        for dir in ["bin", "dev", "proc", "sys", "mnt", "tmp"] {
+            b.dir(dir);
+        }
         // The kernel opens /dev/console for init's stdio before anything is mounted.
-        (
-            entry("dev/console", CHAR_DEV).rdev_major(5).rdev_minor(1),
-            empty(),
-        ),
-        (entry("proc", DIR), empty()),
-        (entry("bin/busybox", EXEC), Cursor::new(busybox)),
-        (entry("init", EXEC), Cursor::new(init.as_bytes().to_vec())),
-    ];
-    let file = std::fs::File::create(out)?;
-    cpio::write_cpio(entries.into_iter(), std::io::BufWriter::new(file))?.into_inner()?;
-    Ok(())
+        b.entries.push(Entry {
+            path: "dev/console".into(),
+            mode: CHAR_DEV,
+            rdev: Some((5, 1)),
+            contents: Vec::new(),
+        });
+        b.push("bin/busybox", EXEC, std::fs::read(busybox)?);
+        Ok(b)
+    }
+
+    fn push(&mut self, path: &str, mode: u32, data: Vec<u8>) {
+        if self.present.insert(path.to_string()) {
+            self.entries.push(Entry {
+                path: path.to_string(),
+                mode,
+                rdev: None,
+                contents: data,
+            });
+        }
+    }
+
+    /// A directory and its parents.
+    pub fn dir(&mut self, path: &str) {
+        let path = path.trim_matches('/');
+        let mut at = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            let p = at.clone();
+            self.push(&p, DIR, Vec::new());
+        }
+    }
+
+    /// A regular file with `contents` and permission bits `perm` at `path`.
+    pub fn file(&mut self, path: &str, perm: u32, contents: Vec<u8>) {
+        let path = path.trim_start_matches('/');
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent);
+        }
+        self.push(path, REGULAR | (perm & 0o7777), contents);
+    }
+
+    /// The init script.
+    pub fn init(&mut self, script: &str) {
+        self.file("init", EXEC, script.as_bytes().to_vec());
+    }
+
+    /// The host program `host` at `guest_path`, with its ELF interpreter and every shared library
+    /// it needs at the paths the host has them.
+    pub fn program(&mut self, host: &Path, guest_path: &str) -> std::io::Result<()> {
+        let tree = lddtree::DependencyAnalyzer::new("/".into())
+            .analyze(host)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", host.display())))?;
+        self.file(guest_path, EXEC, std::fs::read(host)?);
+        if let Some(interp) = &tree.interpreter {
+            self.file(interp, EXEC, std::fs::read(interp)?);
+        }
+        for lib in tree.libraries.values() {
+            let Some(real) = &lib.realpath else {
+                return Err(std::io::Error::other(format!(
+                    "{}: shared library {} not found",
+                    host.display(),
+                    lib.name
+                )));
+            };
+            // Packed under the path the loader searches, with the resolved file's contents.
+            self.file(&lib.path.to_string_lossy(), EXEC, std::fs::read(real)?);
+        }
+        Ok(())
+    }
+
+    /// Writes the newc cpio to `out`.
+    pub fn write(self, out: &Path) -> std::io::Result<()> {
+        let entries = self.entries.into_iter().map(|e| {
+            let mut b = NewcBuilder::new(&e.path).mode(e.mode).nlink(1);
+            if let Some((major, minor)) = e.rdev {
+                b = b.rdev_major(major).rdev_minor(minor);
+            }
+            (b, Cursor::new(e.contents))
+        });
+        let file = std::fs::File::create(out)?;
+        cpio::write_cpio(entries, std::io::BufWriter::new(file))?.into_inner()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -77,5 +180,30 @@ mod tests {
         assert!(found
             .iter()
             .any(|e| e.0 == "dev/console" && e.1 == CHAR_DEV));
+    }
+
+    #[test]
+    fn a_program_comes_with_its_loader_and_libraries() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake_busybox = dir.path().join("busybox");
+        std::fs::write(&fake_busybox, b"bb").unwrap();
+        let mut b = Initramfs::new(&fake_busybox).unwrap();
+        let me = std::env::current_exe().unwrap();
+        b.program(&me, "/bin/probe").unwrap();
+        let names: Vec<&str> = b.entries.iter().map(|e| e.path.as_str()).collect();
+        assert!(names.contains(&"bin/probe"));
+        assert!(
+            names.iter().any(|n| n.contains("ld-linux")),
+            "no ELF interpreter in {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.contains("libc.so")),
+            "no libc in {names:?}"
+        );
+        assert!(b
+            .program(&fake_busybox, "/bin/x")
+            .unwrap_err()
+            .to_string()
+            .contains("busybox"));
     }
 }

@@ -7,7 +7,9 @@
 //! Kernels come from the environment: `RUND_GUEST_KERNEL_DIR` (the condensed kernel's `vmlinux` and
 //! `bzImage`, from `guest-kernel-config/build`) and `RUND_STOCK_KERNEL` (Debian's generic bzImage).
 
+pub mod devbench;
 pub mod initramfs;
+pub mod stream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,12 +87,18 @@ pub fn require_guest(test: &str, kernel: GuestKernel) -> Option<PathBuf> {
 #[derive(Clone, Default)]
 pub struct MarkerConsole {
     inner: Arc<Mutex<(Vec<u8>, Option<Instant>)>>,
+    /// Also copies the console to stderr as it comes (long guest tests show their progress).
+    echo: bool,
 }
 
 impl Write for MarkerConsole {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.0.extend_from_slice(b);
+        if self.echo {
+            // Best effort: a closed stderr must not stop the guest's console.
+            let _ = std::io::stderr().write_all(b);
+        }
         if g.1.is_none() && b.contains(&b'\n') && find_marker(&g.0).is_some() {
             g.1 = Some(Instant::now());
         }
@@ -102,6 +110,14 @@ impl Write for MarkerConsole {
 }
 
 impl MarkerConsole {
+    /// A console that also copies what the guest prints to stderr, live.
+    pub fn echoing() -> Self {
+        MarkerConsole {
+            echo: true,
+            ..Default::default()
+        }
+    }
+
     /// The console so far.
     pub fn text(&self) -> String {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use clap::{Parser, Subcommand};
 use vmm::config::VirtioDeviceHandle;
 use vmm::devices::virtio::block::Block;
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::vsock::Vsock;
 use vmm::host_check::check_host;
 use vmm::{SerialOutput, Vm, VmConfig, VmExit};
 
@@ -58,6 +60,98 @@ struct RunArgs {
     /// A virtio-blk disk backed by FILE; `,ro` makes it read-only. Repeatable: /dev/vda, vdb, ...
     #[arg(long = "blk", value_name = "FILE[,ro]")]
     blk: Vec<String>,
+    /// A virtio-fs share of DIR, mounted in the guest with `mount -t virtiofs TAG DIR`; `ro`
+    /// refuses writes, `cache=` sets the guest's caching (default auto), `xattr` serves extended
+    /// attributes. Repeatable.
+    #[arg(
+        long = "fs",
+        value_name = "DIR,tag=TAG[,ro][,cache=none|auto|always][,xattr]"
+    )]
+    fs: Vec<String>,
+    /// A vsock device: the host reaches guest port P by connecting to PATH and writing
+    /// `CONNECT P`; the guest reaches host port P at the unix socket PATH_P. CID defaults to 3.
+    #[arg(long = "vsock", value_name = "PATH[,cid=N]")]
+    vsock: Option<String>,
+}
+
+/// What `--fs` asks for.
+#[derive(Debug, PartialEq)]
+struct FsSpec {
+    dir: PathBuf,
+    tag: String,
+    read_only: bool,
+    cache: CachePolicy,
+    xattr: bool,
+}
+
+/// `DIR,tag=TAG[,ro][,cache=none|auto|always][,xattr]`.
+fn parse_fs(spec: &str) -> Result<FsSpec, String> {
+    let mut parts = spec.split(',');
+    let dir = parts
+        .next()
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| format!("--fs {spec:?}: the shared directory comes first (DIR,tag=TAG)"))?;
+    let mut fs = FsSpec {
+        dir: dir.into(),
+        tag: String::new(),
+        read_only: false,
+        cache: CachePolicy::Auto,
+        xattr: false,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("tag", tag)) => fs.tag = tag.to_string(),
+            Some(("cache", policy)) => {
+                fs.cache = policy.parse().map_err(|e| format!("--fs {spec:?}: {e}"))?
+            }
+            None if opt == "ro" => fs.read_only = true,
+            None if opt == "xattr" => fs.xattr = true,
+            _ => return Err(format!("--fs {spec:?}: unknown option {opt:?}")),
+        }
+    }
+    if fs.tag.is_empty() {
+        return Err(format!("--fs {spec:?}: tag=TAG is required"));
+    }
+    Ok(fs)
+}
+
+fn fs_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
+    let s = parse_fs(spec)?;
+    let dev = Fs::new(FsConfig {
+        tag: s.tag,
+        shared_dir: s.dir,
+        read_only: s.read_only,
+        cache: s.cache,
+        xattr: s.xattr,
+    })
+    .map_err(|e| format!("--fs {spec:?}: {}", error_chain(&e)))?;
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
+/// The guest CID when `--vsock` names none: the first one free for guests (0-2 are reserved).
+const DEFAULT_GUEST_CID: u64 = 3;
+
+/// `PATH[,cid=N]`.
+fn parse_vsock(spec: &str) -> Result<(PathBuf, u64), String> {
+    let (path, cid) = match spec.rsplit_once(",cid=") {
+        Some((path, cid)) => (
+            path,
+            cid.parse::<u64>()
+                .map_err(|_| format!("--vsock {spec:?}: cid={cid} is not a number"))?,
+        ),
+        None => (spec, DEFAULT_GUEST_CID),
+    };
+    if path.is_empty() {
+        return Err(format!("--vsock {spec:?}: the socket path is missing"));
+    }
+    Ok((path.into(), cid))
+}
+
+fn vsock_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
+    let (path, cid) = parse_vsock(spec)?;
+    let dev =
+        Vsock::new(cid, &path).map_err(|e| format!("--vsock {spec:?}: {}", error_chain(&e)))?;
+    Ok(Arc::new(Mutex::new(dev)))
 }
 
 /// `FILE` or `FILE,ro` (a path that itself ends in ",ro" cannot be given).
@@ -87,11 +181,11 @@ fn run(args: RunArgs) -> Result<VmExit, String> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.serial = serial_output(&args.serial);
-    config.devices = args
-        .blk
-        .iter()
-        .map(|spec| block_device(spec))
-        .collect::<Result<_, _>>()?;
+    // Slots in this order: disks (vda, vdb, ...), shares, then vsock.
+    let blk = args.blk.iter().map(|spec| block_device(spec));
+    let fs = args.fs.iter().map(|spec| fs_device(spec));
+    let vsock = args.vsock.iter().map(|spec| vsock_device(spec));
+    config.devices = blk.chain(fs).chain(vsock).collect::<Result<_, _>>()?;
     let vm = Vm::new(config).map_err(|e| error_chain(&e))?;
     let handle = vm.start().map_err(|e| error_chain(&e))?;
     Ok(handle.wait())
@@ -136,5 +230,58 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fs_specs_parse() {
+        assert_eq!(
+            parse_fs("/srv/share,tag=layers,ro,cache=none,xattr").unwrap(),
+            FsSpec {
+                dir: "/srv/share".into(),
+                tag: "layers".into(),
+                read_only: true,
+                cache: CachePolicy::None,
+                xattr: true,
+            }
+        );
+        let plain = parse_fs("d,tag=t").unwrap();
+        assert!(!plain.read_only && !plain.xattr && plain.cache == CachePolicy::Auto);
+        for (bad, says) in [
+            ("", "shared directory"),
+            (",tag=t", "shared directory"),
+            ("d", "tag=TAG is required"),
+            ("d,tag=", "tag=TAG is required"),
+            (
+                "d,tag=t,cache=sometimes",
+                "\"sometimes\": expected none, auto or always",
+            ),
+            ("d,tag=t,rw", "unknown option \"rw\""),
+        ] {
+            let e = parse_fs(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn vsock_specs_parse() {
+        assert_eq!(
+            parse_vsock("/run/v.sock").unwrap(),
+            (PathBuf::from("/run/v.sock"), DEFAULT_GUEST_CID)
+        );
+        assert_eq!(
+            parse_vsock("/run/v.sock,cid=42").unwrap(),
+            (PathBuf::from("/run/v.sock"), 42)
+        );
+        assert!(parse_vsock("/run/v.sock,cid=x")
+            .unwrap_err()
+            .contains("cid=x"));
+        assert!(parse_vsock(",cid=4")
+            .unwrap_err()
+            .contains("path is missing"));
     }
 }

@@ -6,7 +6,9 @@
 //! serves them on the VMM thread.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

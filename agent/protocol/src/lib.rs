@@ -1,0 +1,34 @@
+//! rund's guest agent API, shared by the agent (server) and the shim (client).
+//!
+//! - [`agent`]: the protobuf messages of `proto/agent.proto` (generated at build time).
+//! - [`agent_ttrpc`]: the ttrpc service trait the agent implements and the typed client.
+//! - [`client`]: connecting a client: to a unix socket, over Firecracker's hybrid vsock, or on a
+//!   stream the caller already connected.
+
+#[allow(missing_docs, clippy::all, clippy::pedantic, unused_qualifications)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/generated.rs"));
+}
+
+pub use generated::{agent, agent_ttrpc};
+
+pub mod client;
+
+/// The attribute the service trait is declared with: implement it with `#[agent_protocol::async_trait]`.
+pub use async_trait::async_trait;
+
+pub use client::{AgentClient, ClientError};
+
+/// The vsock port the agent listens on when it runs as the guest's PID 1.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The API version [`agent::VersionResponse::protocol_version`] reports; bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest ttrpc message (header excluded) either side accepts; larger ones are refused with an error
+/// and the connection keeps serving.
+pub const MAX_MESSAGE_SIZE: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
+
+/// The most bytes one ReadStdout/ReadStderr returns or one WriteStdin takes: well under
+/// [`MAX_MESSAGE_SIZE`], so that a stream chunk always fits a message.
+pub const MAX_IO_CHUNK: usize = 1 << 20;
