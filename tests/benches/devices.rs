@@ -62,11 +62,14 @@ fn prepare(dir: &Path) {
 }
 
 fn figure(name: &str, value: std::io::Result<f64>, unit: &'static str) -> Figure {
-    Figure {
+    let f = Figure {
         name: name.into(),
         value: value.unwrap_or_else(|e| panic!("native {name}: {e}")),
         unit,
-    }
+    };
+    // Progress: each figure as it comes (the nested testbed takes minutes per phase).
+    eprintln!("bench-devices: native {f}");
+    f
 }
 
 fn pair_served() -> UnixStream {
@@ -181,7 +184,7 @@ fn in_guest(dir: &Path, kernel: &Path) -> Vec<Figure> {
     initramfs.write(&initrd).expect("write the initramfs");
     let socket = dir.join("vsock.sock");
 
-    let console = MarkerConsole::default();
+    let console = MarkerConsole::echoing();
     let mut config = VmConfig::new(kernel);
     config.initrd = Some(initrd);
     config.cmdline = GUEST_CMDLINE.into();
@@ -260,7 +263,9 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).expect("bench directory");
     eprintln!("bench-devices: preparing files in {}", dir.path().display());
     prepare(dir.path());
+    eprintln!("bench-devices: files ready; native figures");
     let native = native(dir.path());
+    eprintln!("bench-devices: booting the guest");
     let guest = in_guest(dir.path(), &kernel);
 
     println!(
