@@ -1,3 +1,4 @@
-//! containerd-shim-rund-v2 (one shim and one microVM per pod, VMM in-process) and the rund admin CLI.
-//!
-//! See README.md beside this crate; the crate has no code yet.
+//! `containerd-shim-rund-v2` and the `rund` admin CLI: one shim process per pod, with the pod's
+//! microVM running inside it. This library holds what both binaries share.
+
+pub mod config;
