@@ -362,7 +362,8 @@ impl Runtime {
         Ok(container.status())
     }
 
-    /// Deletes the container's state and cgroup (killing it first if `force`), and its bundle.
+    /// Deletes the container's state and cgroup (killing it first if `force`). The bundle stays:
+    /// its root may still be mounted (see [`Runtime::remove_bundle`]).
     pub fn delete(&self, id: &str, force: bool) -> Result<(), ContainerError> {
         let _lock = runtime_lock();
         if let Ok(mut container) = self.load(id) {
@@ -370,8 +371,17 @@ impl Runtime {
                 .delete(force)
                 .map_err(runtime_err("deleting the container"))?;
         }
-        let _ = std::fs::remove_dir_all(self.bundle(id));
         Ok(())
+    }
+
+    /// Removes the bundle once its root is unmounted. Never recursive: a recursive removal
+    /// through a root still mounted would delete the container's files from its writable layer
+    /// (it once did). A root that is still a mount point stays, and so does the bundle.
+    pub fn remove_bundle(&self, id: &str) {
+        let bundle = self.bundle(id);
+        let _ = std::fs::remove_file(bundle.join("config.json"));
+        let _ = std::fs::remove_dir(bundle.join("rootfs"));
+        let _ = std::fs::remove_dir(&bundle);
     }
 }
 

@@ -19,7 +19,7 @@ struct Args {
     #[arg(long)]
     listen: Option<Listen>,
     /// Where the agent keeps container state, bundles and storage mounts.
-    #[arg(long, default_value = "/run/rund-agent")]
+    #[arg(long, default_value = agent_protocol::GUEST_STATE_DIR)]
     state_dir: PathBuf,
     /// As PID 1: mount cgroup v1 hierarchies (one per controller) instead of cgroup2.
     #[arg(long)]

@@ -282,8 +282,8 @@ impl Agent {
                     if let Some(root) = rootfs_mount {
                         storage::unmount_root(&root);
                     }
+                    runtime.remove_bundle(&id);
                     held.iter().for_each(|n| storages.release(n));
-                    let _ = std::fs::remove_dir_all(runtime.bundle(&id));
                     Ok(())
                 })
                 .await;
@@ -342,10 +342,12 @@ impl Agent {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), entry.init.wait()).await;
         self.registry.remove(&req.container_id);
         let storages = self.storages.clone();
+        let runtime = self.runtime.clone();
         blocking(move || {
             if let Some(root) = &entry.rootfs_mount {
                 storage::unmount_root(root);
             }
+            runtime.remove_bundle(&entry.id);
             entry.storages.iter().for_each(|n| storages.release(n));
             Ok(())
         })

@@ -274,7 +274,7 @@ impl Storages {
         if m.refs == 0 {
             mounted.remove(name);
             let target = self.path(name);
-            let _ = umount2(&target, MntFlags::MNT_DETACH);
+            unmount_synced(&target);
             let _ = std::fs::remove_dir(&target);
         }
     }
@@ -370,7 +370,19 @@ fn overlay_escape(path: &Path) -> Result<String, StorageError> {
 
 /// Unmounts a container root mounted by [`Storages::mount_overlay`].
 pub fn unmount_root(target: &Path) {
-    let _ = umount2(target, MntFlags::MNT_DETACH);
+    unmount_synced(target);
+}
+
+/// Flushes the filesystem at `target` and unmounts it. A lazy unmount alone leaves dirty data in
+/// the guest's page cache, and the host powers the VM off right after: the writable layer's last
+/// writes were lost that way. A mount still busy is detached, but only after the flush.
+fn unmount_synced(target: &Path) {
+    if let Ok(dir) = std::fs::File::open(target) {
+        let _ = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir));
+    }
+    if umount2(target, MntFlags::empty()).is_err() {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+    }
 }
 
 #[cfg(test)]

@@ -825,6 +825,12 @@ async fn overlay_root_from_storages() {
     // Removing the container unmounted the root and released both storages.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(state.to_str().unwrap()), "{mounts}");
+    // And the write is still on the device (a removal once recursed through the mounted root).
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /c1/upper/new-file", &dev.0])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "written\n");
 
     // A lower directory outside every storage is refused.
     root.lower_dirs = vec!["share/../../etc".into()];

@@ -199,9 +199,19 @@ async fn echo_hello_through_the_agent_over_vsock() {
     handle.wait();
     assert_eq!(String::from_utf8_lossy(&out), "hello\n", "{test}: stdout");
     assert_eq!(status, 0, "{test}: exit status");
-    // The shared layer is untouched. Where the write lands (the upper directory on the ext4
-    // device) is checked by the agent's host test; in the guest it is not yet: see the agent's
-    // README (open finding).
+    // The write landed in the container's upper directory on the ext4 device (flushed when the
+    // agent released the storage), and the shared layer is untouched.
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /c1/upper/written"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-the-container\n",
+        "{test}: the container's write on the ext4 device (debugfs: {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!share.join("layers/busybox/written").exists());
     eprintln!("{test}: agent answered {ready:?} after start; echo hello done after {total:?}");
     drop(console);

@@ -22,6 +22,13 @@ pub use client::{AgentClient, ClientError};
 /// The vsock port the agent listens on when it runs as the guest's PID 1.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The agent's state directory when it runs as the guest's PID 1 (its `--state-dir` default).
+pub const GUEST_STATE_DIR: &str = "/run/rund-agent";
+
+/// Where the agent mounts storage `<name>` in the guest: `<GUEST_STORAGE_DIR>/<name>`. A spec's bind
+/// mount of a shared volume names its source under it.
+pub const GUEST_STORAGE_DIR: &str = "/run/rund-agent/storage";
+
 /// The API version [`agent::VersionResponse::protocol_version`] reports; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;
 
