@@ -778,13 +778,7 @@ async fn overlay_root_from_storages() {
         }
     };
     let storage = |driver: &str, source: &str, name: &str, options: &[&str]| {
-        let mut s = Storage::new();
-        s.driver = driver.into();
-        s.source = source.into();
-        s.fstype = "ext4".into();
-        s.name = name.into();
-        s.options = options.iter().map(|o| o.to_string()).collect();
-        s
+        agent_protocol::storage(driver, source, "ext4", name, options)
     };
     let mut root = RootfsOverlay::new();
     root.lower_dirs = vec!["share/layers/busybox".into()];

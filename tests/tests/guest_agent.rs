@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::agent::{
     ContainerRequest, CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, Empty,
-    ProcessRequest, ReadStreamRequest, RemoveContainerRequest, RootfsOverlay, Storage,
+    ProcessRequest, ReadStreamRequest, RemoveContainerRequest, RootfsOverlay,
 };
 use agent_protocol::client::connect_hybrid_vsock;
-use agent_protocol::{AgentClient, AGENT_VSOCK_PORT};
+use agent_protocol::{storage, AgentClient, AGENT_VSOCK_PORT};
 use rund_tests::{guest_tests_required, require_guest, GuestKernel, MarkerConsole, GUEST_CMDLINE};
 use serde_json::json;
 use vmm::devices::virtio::block::Block;
@@ -78,16 +78,6 @@ async fn connect(socket: &Path, deadline: Instant) -> AgentClient {
         assert!(Instant::now() < deadline, "the agent never answered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn storage(driver: &str, source: &str, fstype: &str, name: &str, options: &[&str]) -> Storage {
-    let mut s = Storage::new();
-    s.driver = driver.into();
-    s.source = source.into();
-    s.fstype = fstype.into();
-    s.name = name.into();
-    s.options = options.iter().map(|o| o.to_string()).collect();
-    s
 }
 
 async fn read_stdout(c: &AgentClient, id: &str) -> Vec<u8> {

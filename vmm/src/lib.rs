@@ -26,3 +26,36 @@ pub use config::{SerialOutput, VmConfig};
 pub use exit::VmExit;
 pub use state::VmState;
 pub use vm::{Vm, VmError, VmHandle};
+
+/// An error and its sources on one line (`a: b: c`), for messages a user reads. A cause whose
+/// text the message already holds (thiserror messages often repeat their source) is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    #[test]
+    fn every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading {0}")]
+        struct Outer(&'static str, #[source] std::io::Error);
+        let e = Outer("/x", std::io::Error::other("disk on fire"));
+        assert_eq!(super::error_chain(&e), "reading /x: disk on fire");
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let e = Repeats(std::io::Error::other("gone"));
+        assert_eq!(super::error_chain(&e), "opening: gone");
+    }
+}

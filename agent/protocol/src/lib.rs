@@ -19,6 +19,24 @@ pub use async_trait::async_trait;
 
 pub use client::{AgentClient, ClientError};
 
+/// A [`agent::Storage`] for CreateSandbox or CreateContainer: mount `source` with `driver`
+/// (`virtiofs`, `block`, `bind`) and filesystem `fstype` at the guest's storage `name`.
+pub fn storage(
+    driver: &str,
+    source: &str,
+    fstype: &str,
+    name: &str,
+    options: &[&str],
+) -> agent::Storage {
+    let mut s = agent::Storage::new();
+    s.driver = driver.into();
+    s.source = source.into();
+    s.fstype = fstype.into();
+    s.name = name.into();
+    s.options = options.iter().map(|o| o.to_string()).collect();
+    s
+}
+
 /// The vsock port the agent listens on when it runs as the guest's PID 1.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 

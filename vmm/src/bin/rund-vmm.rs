@@ -11,7 +11,7 @@ use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::host_check::check_host;
-use vmm::{SerialOutput, Vm, VmConfig, VmExit};
+use vmm::{error_chain, SerialOutput, Vm, VmConfig, VmExit};
 
 /// The command line a condensed rund guest kernel wants: serial console, reboot through the i8042,
 /// reboot rather than hang on panic, no PCI probing.
@@ -189,17 +189,6 @@ fn run(args: RunArgs) -> Result<VmExit, String> {
     let vm = Vm::new(config).map_err(|e| error_chain(&e))?;
     let handle = vm.start().map_err(|e| error_chain(&e))?;
     Ok(handle.wait())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,143 @@
+//! The state containerd sees of one process (a container's own or an exec'd one): created,
+//! running or stopped with its exit status, and a way to wait for the end.
+
+use std::sync::Mutex;
+
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use tokio::sync::watch;
+
+use super::stdio::StdioPaths;
+
+/// Where a process is in its life.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProcessStatus {
+    Created,
+    Running,
+    Stopped {
+        exit_status: u32,
+        exited_at: Timestamp,
+    },
+}
+
+pub struct Process {
+    pub container_id: String,
+    /// Empty for the container's own process.
+    pub exec_id: String,
+    pub stdio: StdioPaths,
+    /// An exec'd process's OCI `process` JSON, run at its start.
+    pub process_json: Vec<u8>,
+    status: Mutex<ProcessStatus>,
+    exited: watch::Sender<bool>,
+}
+
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut t = Timestamp::new();
+    t.seconds = d.as_secs() as i64;
+    t.nanos = d.subsec_nanos() as i32;
+    t
+}
+
+impl Process {
+    pub fn new(
+        container_id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        process_json: Vec<u8>,
+    ) -> Self {
+        Process {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            stdio,
+            process_json,
+            status: Mutex::new(ProcessStatus::Created),
+            exited: watch::channel(false).0,
+        }
+    }
+
+    /// The id containerd's events name the process by: the exec id, or the container's.
+    pub fn event_id(&self) -> &str {
+        if self.exec_id.is_empty() {
+            &self.container_id
+        } else {
+            &self.exec_id
+        }
+    }
+
+    pub fn status(&self) -> ProcessStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_running(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if *s == ProcessStatus::Created {
+            *s = ProcessStatus::Running;
+        }
+    }
+
+    /// Records the end (once: a later call keeps the first status) and wakes the waiters.
+    pub fn set_exited(&self, exit_status: u32) -> Timestamp {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match &*s {
+            ProcessStatus::Stopped { exited_at, .. } => exited_at.clone(),
+            _ => {
+                let at = now();
+                *s = ProcessStatus::Stopped {
+                    exit_status,
+                    exited_at: at.clone(),
+                };
+                at
+            }
+        };
+        drop(s);
+        self.exited.send_replace(true);
+        at
+    }
+
+    /// The exit status and time, waiting for them.
+    pub async fn wait(&self) -> (u32, MessageField<Timestamp>) {
+        let mut rx = self.exited.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+        match self.status() {
+            ProcessStatus::Stopped {
+                exit_status,
+                exited_at,
+            } => (exit_status, MessageField::some(exited_at)),
+            // Unreachable: the flag is raised only after the status is set.
+            _ => (255, MessageField::none()),
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.status(), ProcessStatus::Stopped { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_returns_the_first_exit() {
+        let p = std::sync::Arc::new(Process::new("c", "", StdioPaths::default(), Vec::new()));
+        assert_eq!(p.status(), ProcessStatus::Created);
+        p.set_running();
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move { p.wait().await })
+        };
+        let at = p.set_exited(137);
+        p.set_exited(0);
+        let (status, when) = waiter.await.unwrap();
+        assert_eq!(status, 137);
+        assert_eq!(when.unwrap(), at);
+        assert!(p.is_stopped());
+        assert_eq!(p.event_id(), "c");
+    }
+}

@@ -1,0 +1,147 @@
+//! `/run/rund/<sandbox-id>/sandbox.json`: which shim process holds a sandbox. Written before the
+//! sandbox takes anything on the host, so that a `delete` after a `kill -9` of the shim (or a
+//! reconcile of the cgroup pool) can tell a dead sandbox from a live one.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin::atomic_file::{install_bytes, AtomicFileError};
+
+pub const RECORD_FILE: &str = "sandbox.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a sandbox record: {source}")]
+    Format {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] AtomicFileError),
+    #[error("reading this process's start time: {0}")]
+    StartTime(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub sandbox_id: String,
+    /// The shim process holding the sandbox, and its start time in clock ticks since boot
+    /// (field 22 of /proc/<pid>/stat): a pid alone could have been reused.
+    pub shim_pid: u32,
+    pub shim_start_ticks: u64,
+}
+
+/// Field 22 of `/proc/<pid>/stat`, `None` when there is no such process.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl SandboxRecord {
+    /// The record of a sandbox held by this process.
+    pub fn for_this_process(sandbox_id: &str) -> Result<SandboxRecord, RecordError> {
+        let pid = std::process::id();
+        let ticks = start_ticks(pid).ok_or_else(|| RecordError::StartTime(format!("pid {pid}")))?;
+        Ok(SandboxRecord {
+            sandbox_id: sandbox_id.to_owned(),
+            shim_pid: pid,
+            shim_start_ticks: ticks,
+        })
+    }
+
+    /// Writes the record into `dir` (made if missing), atomically.
+    pub fn write(&self, dir: &Path) -> Result<(), RecordError> {
+        std::fs::create_dir_all(dir).map_err(|source| RecordError::Io {
+            op: "creating",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(RECORD_FILE);
+        let text = serde_json::to_vec(self).map_err(|source| RecordError::Format {
+            path: path.clone(),
+            source,
+        })?;
+        install_bytes(&path, &text, 0o600)?;
+        Ok(())
+    }
+
+    /// The record in `dir`, `None` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<SandboxRecord>, RecordError> {
+        let path = dir.join(RECORD_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(RecordError::Io {
+                    op: "reading",
+                    path,
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| RecordError::Format { path, source })
+    }
+
+    /// Whether the shim that wrote the record still runs.
+    pub fn shim_alive(&self) -> bool {
+        start_ticks(self.shim_pid) == Some(self.shim_start_ticks)
+    }
+}
+
+/// Whether sandbox `id` under `run_dir` is held by a live shim.
+pub fn sandbox_alive(run_dir: &Path, id: &str) -> bool {
+    matches!(SandboxRecord::read(&run_dir.join(id)), Ok(Some(r)) if r.shim_alive())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_liveness() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(SandboxRecord::read(dir.path()).unwrap(), None);
+        let rec = SandboxRecord::for_this_process("sb1").unwrap();
+        rec.write(&dir.path().join("sb1")).unwrap();
+        let back = SandboxRecord::read(&dir.path().join("sb1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, rec);
+        assert!(back.shim_alive());
+        assert!(sandbox_alive(dir.path(), "sb1"));
+        assert!(!sandbox_alive(dir.path(), "sb2"));
+
+        // Same pid, another start time: a reused pid is not the shim.
+        let stale = SandboxRecord {
+            shim_start_ticks: rec.shim_start_ticks + 1,
+            ..rec
+        };
+        assert!(!stale.shim_alive());
+    }
+
+    #[test]
+    fn a_torn_record_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RECORD_FILE), b"{\"sandbox_id\":").unwrap();
+        let e = SandboxRecord::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(RECORD_FILE), "{e}");
+    }
+
+    #[test]
+    fn start_ticks_parse_names_with_parentheses() {
+        // This test process exists; pid 0 never has a /proc entry.
+        assert!(start_ticks(std::process::id()).is_some());
+        assert!(start_ticks(0).is_none());
+    }
+}

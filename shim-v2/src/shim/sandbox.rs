@@ -1,0 +1,530 @@
+//! One sandbox: its host cgroup, its split rootfs, its microVM (in this process) and the agent in
+//! it. Started in the order of DESIGN.md, torn down backwards; everything it takes on the host is
+//! under `<run_dir>/<sandbox-id>/`, whose record is written first.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_protocol::agent::{
+    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, Empty, RootfsOverlay,
+};
+use agent_protocol::client::connect_hybrid_vsock;
+use agent_protocol::{storage, AgentClient, AGENT_VSOCK_PORT, GUEST_STORAGE_DIR};
+use log::{debug, info, warn};
+use oci_spec::runtime::Spec;
+use rootfs_split::{RootfsMount, SandboxRootfs, Share, WritableLayer};
+use vmm::devices::virtio::block::Block;
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::vsock::Vsock;
+use vmm::{error_chain, SerialOutput, Vm, VmConfig, VmHandle};
+
+use super::host_cgroup::{host_resources, HostCgroup};
+use super::record::SandboxRecord;
+use super::sizing::{vm_size, VmSize};
+use super::spec::guest_spec;
+use crate::config::{Config, LogLevel};
+
+/// The kernel command line rund starts from; the VMM appends its devices.
+const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+const GUEST_CID: u64 = 3;
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// Storage names in the guest (`<GUEST_STORAGE_DIR>/<name>`) and their virtio-fs tags.
+const SHARE_RO: &str = "share-ro";
+const SHARE_RW: &str = "share-rw";
+const WRITABLE: &str = "rw";
+/// The writable device: the first (and only) virtio-blk disk.
+const WRITABLE_DEVICE: &str = "/dev/vda";
+/// How long the agent gets to flush and unmount at teardown.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {0}: {1}")]
+    Record(String, #[source] super::record::RecordError),
+    #[error("sizing the microVM: {0}")]
+    Sizing(#[from] super::sizing::SizingError),
+    #[error("{what} {path}: {source}")]
+    GuestFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("this host cannot run the sandbox's microVM: {0}")]
+    Host(#[from] vmm::host_check::HostCheckError),
+    #[error("the sandbox's cgroup: {0}")]
+    Cgroup(#[from] super::host_cgroup::HostCgroupError),
+    #[error("the sandbox's root filesystem: {0}")]
+    Rootfs(#[from] rootfs_split::RootfsError),
+    #[error("the sandbox's writable layer: {0}")]
+    WritableLayer(#[from] rootfs_split::ImageError),
+    #[error("the microVM's devices: {0}")]
+    Device(String),
+    #[error("starting the microVM: {0}")]
+    Vm(String),
+    #[error("the agent did not answer within {0:?} of the VM's start{1}")]
+    AgentTimeout(Duration, String),
+    #[error("the agent refused {op}: {source}")]
+    Agent {
+        op: &'static str,
+        source: ttrpc::Error,
+    },
+    #[error("the container's spec: {0}")]
+    Spec(#[from] super::spec::SpecError),
+    #[error("a blocking task of the sandbox failed: {0}")]
+    Join(String),
+}
+
+/// How long each step of a sandbox's start took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartSplit {
+    pub cgroup: Duration,
+    pub rootfs: Duration,
+    pub vm: Duration,
+    pub agent: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl StartSplit {
+    /// The line ci/bench-start parses: one per sandbox start.
+    pub fn log(&self, sandbox_id: &str, container: Duration) {
+        let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
+        info!(
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1}",
+            ms(self.cgroup),
+            ms(self.rootfs),
+            ms(self.vm),
+            ms(self.agent),
+            ms(container),
+            ms(total)
+        );
+    }
+}
+
+/// What a sandbox holds, in the order it was taken; undone backwards.
+struct Held {
+    cgroup: Option<HostCgroup>,
+    rootfs: Option<SandboxRootfs>,
+    vm: Option<VmHandle>,
+}
+
+impl Held {
+    fn undo(&mut self, dir: &Path) {
+        if let Some(vm) = self.vm.take() {
+            vm.shutdown();
+            let exit = vm.wait();
+            debug!("microVM stopped: {exit:?}");
+        }
+        if let Some(rootfs) = self.rootfs.take() {
+            if let Err(e) = rootfs.destroy() {
+                warn!("removing the sandbox's root filesystem: {e}");
+            }
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.release();
+        }
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("removing {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+pub struct Sandbox {
+    pub id: String,
+    dir: PathBuf,
+    agent: Arc<AgentClient>,
+    held: Mutex<Held>,
+    size: VmSize,
+}
+
+fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(timeout.as_nanos() as i64)
+}
+
+fn agent_err(op: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
+    move |source| SandboxError::Agent { op, source }
+}
+
+fn readable(what: &'static str, path: &Path) -> Result<(), SandboxError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|source| SandboxError::GuestFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SandboxError::Join(e.to_string()))?
+}
+
+/// The platform's cgroup parent: only a CRI pod sandbox has one (plain `ctr run` specs carry
+/// `/<namespace>/<id>`, which is containerd's default, not a platform's choice).
+fn dictated_parent(spec: &Spec, is_cri_sandbox: bool) -> Option<String> {
+    if !is_cri_sandbox {
+        return None;
+    }
+    let path = spec.linux().as_ref()?.cgroups_path().as_ref()?;
+    Some(path.to_string_lossy().into_owned())
+}
+
+fn vm_config(
+    config: &Config,
+    dir: &Path,
+    rootfs: &SandboxRootfs,
+    size: VmSize,
+) -> Result<VmConfig, SandboxError> {
+    let device = |e: &dyn std::fmt::Display| SandboxError::Device(e.to_string());
+    let mut vm = VmConfig::new(&config.guest.kernel);
+    vm.initrd = Some(config.guest.initramfs.clone());
+    vm.cmdline = format!("{BASE_CMDLINE} {}", config.guest.extra_cmdline)
+        .trim_end()
+        .to_owned();
+    vm.vcpus = size.vcpus;
+    vm.mem_mib = size.memory_mib;
+    vm.serial = match config.log_level {
+        LogLevel::Debug | LogLevel::Trace => SerialOutput::File(dir.join("console.log")),
+        _ => SerialOutput::Sink,
+    };
+    let share = |tag: &str, shared_dir: &Path, read_only: bool| {
+        Fs::new(FsConfig {
+            tag: tag.into(),
+            shared_dir: shared_dir.to_owned(),
+            read_only,
+            // Image layers never change under the guest; volumes may, from the host.
+            cache: if read_only {
+                CachePolicy::Always
+            } else {
+                CachePolicy::Auto
+            },
+            xattr: false,
+        })
+        .map_err(|e| device(&e))
+    };
+    vm.devices = vec![
+        Arc::new(Mutex::new(
+            Block::new(rootfs.image_path(), false).map_err(|e| device(&e))?,
+        )),
+        Arc::new(Mutex::new(share(
+            SHARE_RO,
+            &rootfs.share_dir(Share::ReadOnly),
+            true,
+        )?)),
+        Arc::new(Mutex::new(share(
+            SHARE_RW,
+            &rootfs.share_dir(Share::ReadWrite),
+            false,
+        )?)),
+        Arc::new(Mutex::new(
+            Vsock::new(GUEST_CID, &dir.join(VSOCK_SOCKET)).map_err(|e| device(&e))?,
+        )),
+    ];
+    Ok(vm)
+}
+
+async fn connect_agent(
+    socket: &Path,
+    timeout: Duration,
+    dir: &Path,
+) -> Result<AgentClient, SandboxError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Until the agent listens, the guest refuses the port and the VMM closes the stream.
+        if let Ok(c) = connect_hybrid_vsock(socket, AGENT_VSOCK_PORT, Duration::from_secs(5)).await
+        {
+            if c.check(ctx(Duration::from_secs(5)), &Empty::new())
+                .await
+                .is_ok()
+            {
+                return Ok(c);
+            }
+        }
+        if Instant::now() >= deadline {
+            let console = std::fs::read_to_string(dir.join("console.log"))
+                .map(|c| {
+                    let tail: Vec<&str> = c.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("; the guest console ends with:\n{}", tail.join("\n"))
+                })
+                .unwrap_or_default();
+            return Err(SandboxError::AgentTimeout(timeout, console));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Sandbox {
+    /// Starts sandbox `id` for its first container, whose spec is `spec`.
+    pub async fn start(
+        config: Arc<Config>,
+        id: &str,
+        spec: &Spec,
+        is_cri_sandbox: bool,
+    ) -> Result<(Sandbox, StartSplit), SandboxError> {
+        let dir = config.paths.run_dir.join(id);
+        SandboxRecord::for_this_process(id)
+            .and_then(|r| r.write(&dir))
+            .map_err(|e| SandboxError::Record(id.to_owned(), e))?;
+        let mut held = Held {
+            cgroup: None,
+            rootfs: None,
+            vm: None,
+        };
+        match Self::bring_up(&config, id, spec, is_cri_sandbox, &dir, &mut held).await {
+            Ok((agent, size, split)) => Ok((
+                Sandbox {
+                    id: id.to_owned(),
+                    dir,
+                    agent: Arc::new(agent),
+                    held: Mutex::new(held),
+                    size,
+                },
+                split,
+            )),
+            Err(e) => {
+                let dir2 = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || held.undo(&dir2)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(
+        config: &Arc<Config>,
+        id: &str,
+        spec: &Spec,
+        is_cri_sandbox: bool,
+        dir: &Path,
+        held: &mut Held,
+    ) -> Result<(AgentClient, VmSize, StartSplit), SandboxError> {
+        let mut split = StartSplit::default();
+        let size = vm_size(spec, &config.guest)?;
+        readable("guest kernel", &config.guest.kernel)?;
+        readable("guest initramfs", &config.guest.initramfs)?;
+        vmm::host_check::check_host()?;
+
+        let t = Instant::now();
+        if config.cgroup_pool.enabled {
+            let pod = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+            let resources = host_resources(pod, size.memory_mib);
+            let parent = dictated_parent(spec, is_cri_sandbox);
+            let (c, sid) = (config.clone(), id.to_owned());
+            held.cgroup = Some(
+                blocking(move || {
+                    Ok(HostCgroup::acquire(
+                        &c,
+                        &sid,
+                        parent.as_deref(),
+                        &resources,
+                    )?)
+                })
+                .await?,
+            );
+        }
+        split.cgroup = t.elapsed();
+
+        let t = Instant::now();
+        let (c, d, sid) = (config.clone(), dir.to_owned(), id.to_owned());
+        let rootfs = blocking(move || {
+            let layer = WritableLayer::new(&c.writable_layer.dir, c.writable_layer.size_mib)?;
+            Ok(SandboxRootfs::create(&d, &sid, &layer)?)
+        })
+        .await?;
+        split.rootfs = t.elapsed();
+
+        let t = Instant::now();
+        let vm = vm_config(config, dir, &rootfs, size);
+        held.rootfs = Some(rootfs);
+        let vm = vm?;
+        let handle = blocking(move || {
+            Vm::new(vm)
+                .and_then(|vm| vm.start())
+                .map_err(|e| SandboxError::Vm(error_chain(&e)))
+        })
+        .await?;
+        held.vm = Some(handle);
+        split.vm = t.elapsed();
+
+        let t = Instant::now();
+        let timeout = Duration::from_secs(config.guest.agent_timeout_secs);
+        let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, dir).await?;
+        let mut req = CreateSandboxRequest::new();
+        req.sandbox_id = id.to_owned();
+        req.hostname = spec.hostname().clone().unwrap_or_default();
+        req.storages = vec![
+            storage("virtiofs", SHARE_RO, "", SHARE_RO, &["ro"]),
+            storage("virtiofs", SHARE_RW, "", SHARE_RW, &[]),
+            storage("block", WRITABLE_DEVICE, "ext4", WRITABLE, &[]),
+        ];
+        agent
+            .create_sandbox(ctx(timeout), &req)
+            .await
+            .map_err(agent_err("CreateSandbox"))?;
+        split.agent = t.elapsed();
+        info!(
+            "sandbox {id}: {} vCPUs, {} MiB, started in {:?}",
+            size.vcpus,
+            size.memory_mib,
+            split.cgroup + split.rootfs + split.vm + split.agent
+        );
+        Ok((agent, size, split))
+    }
+
+    pub fn agent(&self) -> Arc<AgentClient> {
+        self.agent.clone()
+    }
+
+    pub fn size(&self) -> VmSize {
+        self.size
+    }
+
+    /// Tops the cgroup pool up, off the start path.
+    pub async fn refill_pool(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(c) = me.lock_held().cgroup.as_ref() {
+                c.refill();
+            }
+        })
+        .await;
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates container `cid` in the guest: its layers and volumes shared, its spec turned into
+    /// the guest's.
+    pub async fn create_container(
+        self: &Arc<Self>,
+        cid: &str,
+        spec: &Spec,
+        rootfs: Vec<RootfsMount>,
+        terminal: bool,
+    ) -> Result<(), SandboxError> {
+        let me = self.clone();
+        let (cid2, spec2) = (cid.to_owned(), spec.clone());
+        let (lowers, mut guest) = blocking(move || {
+            let mut held = me.lock_held();
+            let fs = held
+                .rootfs
+                .as_mut()
+                .ok_or_else(|| SandboxError::Vm("the sandbox is stopping".into()))?;
+            let layers = fs.add_container(&cid2, &rootfs)?;
+            let mut share = |source: &Path, read_only: bool| {
+                fs.add_volume(&cid2, source, read_only)
+                    .map(|v| {
+                        let storage = match v.share {
+                            Share::ReadOnly => SHARE_RO,
+                            Share::ReadWrite => SHARE_RW,
+                        };
+                        Path::new(GUEST_STORAGE_DIR).join(storage).join(v.path)
+                    })
+                    .map_err(|e| e.to_string())
+            };
+            match guest_spec(&spec2, &mut share) {
+                Ok(g) => Ok((layers.lower_dirs, g)),
+                Err(e) => {
+                    if let Err(undo) = fs.remove_container(&cid2) {
+                        warn!("container {cid2}: undoing its shares: {undo}");
+                    }
+                    Err(e.into())
+                }
+            }
+        })
+        .await?;
+        if let Some(p) = guest.process_mut() {
+            p.set_terminal(Some(terminal));
+        }
+        let mut root = RootfsOverlay::new();
+        root.lower_dirs = lowers
+            .iter()
+            .map(|l| format!("{SHARE_RO}/{}", l.display()))
+            .collect();
+        root.upper_dir = format!("{WRITABLE}/{cid}/upper");
+        root.work_dir = format!("{WRITABLE}/{cid}/work");
+        let mut req = CreateContainerRequest::new();
+        req.container_id = cid.to_owned();
+        req.spec_json = serde_json::to_vec(&guest).map_err(|e| {
+            SandboxError::Spec(super::spec::SpecError::Build {
+                destination: PathBuf::from("/"),
+                why: e.to_string(),
+            })
+        })?;
+        req.rootfs = protobuf::MessageField::some(root);
+        let created = self
+            .agent
+            .create_container(ctx(Duration::from_secs(60)), &req)
+            .await
+            .map_err(agent_err("CreateContainer"));
+        if created.is_err() {
+            self.forget_container(cid).await;
+        }
+        created.map(drop)
+    }
+
+    /// Undoes a container's host side (its layer and volume mounts).
+    pub async fn forget_container(self: &Arc<Self>, cid: &str) {
+        let me = self.clone();
+        let cid = cid.to_owned();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(fs) = me.lock_held().rootfs.as_mut() {
+                if let Err(e) = fs.remove_container(&cid) {
+                    warn!("container {cid}: removing its shares: {e}");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Tears the sandbox down: the agent flushes and unmounts, the VM stops, the host side goes.
+    pub async fn stop(self: &Arc<Self>) {
+        let mut req = DestroySandboxRequest::new();
+        req.sandbox_id = self.id.clone();
+        if let Err(e) = self.agent.destroy_sandbox(ctx(DESTROY_TIMEOUT), &req).await {
+            warn!("sandbox {}: DestroySandbox: {e}", self.id);
+        }
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let dir = me.dir.clone();
+            me.lock_held().undo(&dir);
+        })
+        .await;
+    }
+}
+
+/// What `containerd-shim-rund-v2 delete` does after the shim holding sandbox `id` was killed:
+/// undoes what its record names. Refuses while that shim still runs.
+pub fn cleanup_dead(config: &Config, id: &str) -> Result<bool, String> {
+    let dir = config.paths.run_dir.join(id);
+    match SandboxRecord::read(&dir) {
+        Ok(Some(r)) if r.shim_alive() => return Ok(false),
+        Ok(_) => {}
+        Err(e) => warn!("{e}; cleaning up anyway"),
+    }
+    if dir.exists() {
+        SandboxRootfs::cleanup(&dir).map_err(|e| e.to_string())?;
+    }
+    // The record must still be there (saying "dead") while the pool reconciles.
+    if config.cgroup_pool.enabled {
+        super::host_cgroup::reclaim_dead(config, &config.paths.run_dir)
+            .map_err(|e| e.to_string())?;
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("removing {}: {e}", dir.display()))
+        }
+        _ => Ok(true),
+    }
+}

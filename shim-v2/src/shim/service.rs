@@ -1,0 +1,846 @@
+//! containerd's task service for one pod: containers and their processes, each backed by the
+//! agent in the pod's microVM, with the events containerd expects.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_protocol::agent::{
+    ContainerRequest, ExecProcessRequest as AgentExec, ProcessRequest, RemoveContainerRequest,
+    SignalProcessRequest, TtyWinResizeRequest, UpdateContainerRequest,
+};
+use agent_protocol::AgentClient;
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ProcessInfo, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+    StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat, Metrics, PidsStat,
+};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
+use containerd_shim::util::convert_to_any;
+use log::{debug, info, warn};
+use oci_spec::runtime::Spec;
+use rootfs_split::RootfsMount;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::process::{Process, ProcessStatus};
+use super::sandbox::Sandbox;
+use super::stdio::{StdioPaths, StdioPumps};
+use crate::config::Config;
+
+/// CRI's annotations: which pod a container belongs to, and whether it is the pod's sandbox.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// How long output may stay open after its process ended before the exit is reported anyway.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// Status reported when the VM (or the agent) went away before the process's end was known.
+const LOST_STATUS: u32 = 255;
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+fn rpc_error(code: ttrpc::Code, msg: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
+    rpc_error(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+/// The agent's error, passed on with its code (the agent speaks ttrpc 0.10, containerd 0.9).
+fn from_agent(op: &str, e: ::ttrpc::Error) -> ttrpc::Error {
+    match e {
+        ::ttrpc::Error::RpcStatus(s) => {
+            let code =
+                <ttrpc::Code as containerd_shim::protos::protobuf::Enum>::from_i32(s.code.value())
+                    .unwrap_or(ttrpc::Code::UNKNOWN);
+            rpc_error(code, format!("{op}: {}", s.message))
+        }
+        other => rpc_error(ttrpc::Code::UNAVAILABLE, format!("{op}: {other}")),
+    }
+}
+
+fn agent_ctx() -> ::ttrpc::context::Context {
+    ::ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
+}
+
+/// Whether the agent said the process is already gone.
+fn is_gone(e: &::ttrpc::Error) -> bool {
+    matches!(e, ::ttrpc::Error::RpcStatus(s) if s.code.value() == ::ttrpc::Code::NOT_FOUND as i32)
+}
+
+struct Container {
+    id: String,
+    bundle: String,
+    /// Whether deleting this container ends the sandbox (a pod's sandbox container, or a plain
+    /// `ctr run` container, which is a sandbox of its own).
+    owns_sandbox: bool,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> TtrpcResult<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("exec {exec_id} of container {}", self.id)))
+    }
+}
+
+#[derive(Default)]
+struct Pod {
+    sandbox: Option<Arc<Sandbox>>,
+    containers: HashMap<String, Arc<Container>>,
+}
+
+pub struct TaskService {
+    config: Arc<Config>,
+    namespace: String,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    pod: Arc<Mutex<Pod>>,
+    /// Serialises the calls that make or end containers (and the sandbox).
+    lifecycle: AsyncMutex<()>,
+}
+
+impl TaskService {
+    pub fn new(
+        config: Arc<Config>,
+        namespace: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        TaskService {
+            config,
+            namespace: namespace.to_owned(),
+            publisher: Arc::new(publisher),
+            exit,
+            pod: Arc::default(),
+            lifecycle: AsyncMutex::new(()),
+        }
+    }
+
+    fn pod(&self) -> std::sync::MutexGuard<'_, Pod> {
+        self.pod.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        self.pod()
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found(format!("container {id}")))
+    }
+
+    fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
+        self.pod()
+            .sandbox
+            .clone()
+            .ok_or_else(|| rpc_error(ttrpc::Code::FAILED_PRECONDITION, "no sandbox in this shim"))
+    }
+
+    fn agent(&self) -> TtrpcResult<Arc<AgentClient>> {
+        Ok(self.sandbox()?.agent())
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        publish(&self.publisher, &self.namespace, topic, event).await;
+    }
+
+    /// Watches `process` to its end: its status from the agent, its output drained, then the
+    /// exit recorded and published.
+    fn watch_exit(&self, process: Arc<Process>, mut pumps: StdioPumps) {
+        let agent = self.agent();
+        let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
+        tokio::spawn(async move {
+            let status = match agent {
+                Ok(agent) => {
+                    let mut req = ProcessRequest::new();
+                    req.container_id = process.container_id.clone();
+                    req.exec_id = process.exec_id.clone();
+                    match agent
+                        .wait_process(::ttrpc::context::with_timeout(0), &req)
+                        .await
+                    {
+                        Ok(r) => u32::try_from(r.status).unwrap_or(LOST_STATUS),
+                        Err(e) => {
+                            warn!("waiting for {}: {e}", process.event_id());
+                            LOST_STATUS
+                        }
+                    }
+                }
+                Err(_) => LOST_STATUS,
+            };
+            pumps.drained(DRAIN_LIMIT).await;
+            let exited_at = process.set_exited(status);
+            let event = TaskExit {
+                container_id: process.container_id.clone(),
+                id: process.event_id().to_owned(),
+                pid: std::process::id(),
+                exit_status: status,
+                exited_at: MessageField::some(exited_at),
+                ..Default::default()
+            };
+            publish(
+                &publisher,
+                &namespace,
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(event),
+            )
+            .await;
+        });
+    }
+
+    /// Forwards the agent's OOM events for as long as the sandbox lives.
+    fn forward_oom_events(&self, agent: Arc<AgentClient>) {
+        let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
+        tokio::spawn(async move {
+            loop {
+                match agent
+                    .get_oom_event(
+                        ::ttrpc::context::with_timeout(0),
+                        &agent_protocol::agent::Empty::new(),
+                    )
+                    .await
+                {
+                    Ok(ev) => {
+                        let event = TaskOOM {
+                            container_id: ev.container_id,
+                            ..Default::default()
+                        };
+                        publish(
+                            &publisher,
+                            &namespace,
+                            topics::TASK_OOM_EVENT_TOPIC,
+                            Box::new(event),
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        debug!("OOM events end: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn create_inner(&self, req: &CreateTaskRequest) -> TtrpcResult<()> {
+        let spec = Spec::load(Path::new(&req.bundle).join("config.json")).map_err(|e| {
+            rpc_error(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("the bundle's config.json: {e}"),
+            )
+        })?;
+        let annotations = spec.annotations().clone().unwrap_or_default();
+        let kind = annotations.get(CONTAINER_TYPE).map(String::as_str);
+        let joins = kind == Some("container");
+        let rootfs: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                kind: m.type_.clone(),
+                source: m.source.clone().into(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let started = Instant::now();
+
+        let (sandbox, split) = if joins {
+            let pod_id = annotations.get(SANDBOX_ID).cloned().unwrap_or_default();
+            let sandbox = self.sandbox()?;
+            if sandbox.id != pod_id {
+                return Err(rpc_error(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!(
+                        "container {} belongs to pod {pod_id:?}, this shim serves {:?}",
+                        req.id, sandbox.id
+                    ),
+                ));
+            }
+            (sandbox, None)
+        } else {
+            if let Some(s) = &self.pod().sandbox {
+                return Err(rpc_error(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("this shim already serves sandbox {}", s.id),
+                ));
+            }
+            let (sandbox, split) =
+                Sandbox::start(self.config.clone(), &req.id, &spec, kind == Some("sandbox"))
+                    .await
+                    .map_err(|e| {
+                        rpc_error(
+                            ttrpc::Code::FAILED_PRECONDITION,
+                            format!("sandbox {}: {e}", req.id),
+                        )
+                    })?;
+            let sandbox = Arc::new(sandbox);
+            self.pod().sandbox = Some(sandbox.clone());
+            self.forward_oom_events(sandbox.agent());
+            (sandbox, Some(split))
+        };
+
+        let container_start = Instant::now();
+        let created = sandbox
+            .create_container(&req.id, &spec, rootfs, req.terminal)
+            .await
+            .map_err(|e| {
+                rpc_error(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {}: {e}", req.id),
+                )
+            });
+        if let Err(e) = created {
+            if !joins {
+                self.pod().sandbox = None;
+                sandbox.stop().await;
+            }
+            return Err(e);
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let init = Arc::new(Process::new(&req.id, "", stdio, Vec::new()));
+        let container = Arc::new(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            owns_sandbox: !joins,
+            init,
+            execs: Mutex::default(),
+            paused: Default::default(),
+        });
+        self.pod().containers.insert(req.id.clone(), container);
+        if let Some(split) = split {
+            split.log(&req.id, container_start.elapsed());
+            let s = sandbox.clone();
+            tokio::spawn(async move { s.refill_pool().await });
+        }
+        debug!("container {} created in {:?}", req.id, started.elapsed());
+        Ok(())
+    }
+}
+
+impl TaskService {
+    /// Freezes (or thaws) a container's processes in the guest, and says so to containerd.
+    async fn set_paused(&self, id: &str, pause: bool) -> TtrpcResult<Empty> {
+        let container = self.container(id)?;
+        let mut r = ContainerRequest::new();
+        r.container_id = id.to_owned();
+        let agent = self.agent()?;
+        let (op, topic, event): (_, _, Box<dyn MessageDyn>) = if pause {
+            agent
+                .pause_container(agent_ctx(), &r)
+                .await
+                .map_err(|e| from_agent("PauseContainer", e))?;
+            let event = TaskPaused {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            ("paused", topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
+        } else {
+            agent
+                .resume_container(agent_ctx(), &r)
+                .await
+                .map_err(|e| from_agent("ResumeContainer", e))?;
+            let event = TaskResumed {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            ("resumed", topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
+        };
+        container
+            .paused
+            .store(pause, std::sync::atomic::Ordering::SeqCst);
+        debug!("container {id} {op}");
+        self.publish(topic, event).await;
+        Ok(Empty::new())
+    }
+}
+
+async fn publish(
+    publisher: &RemotePublisher,
+    namespace: &str,
+    topic: &str,
+    event: Box<dyn MessageDyn>,
+) {
+    if let Err(e) = publisher
+        .publish(ttrpc::context::Context::default(), topic, namespace, event)
+        .await
+    {
+        warn!("publishing {topic}: {e}");
+    }
+}
+
+fn containerd_status(
+    p: &Process,
+    paused: bool,
+) -> (
+    Status,
+    u32,
+    MessageField<containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp>,
+) {
+    match p.status() {
+        ProcessStatus::Created => (Status::CREATED, 0, MessageField::none()),
+        ProcessStatus::Running if paused => (Status::PAUSED, 0, MessageField::none()),
+        ProcessStatus::Running => (Status::RUNNING, 0, MessageField::none()),
+        ProcessStatus::Stopped {
+            exit_status,
+            exited_at,
+        } => (Status::STOPPED, exit_status, MessageField::some(exited_at)),
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        if !req.checkpoint.is_empty() {
+            return Err(rpc_error(
+                ttrpc::Code::UNIMPLEMENTED,
+                "restoring a container from a checkpoint is not supported",
+            ));
+        }
+        let _serial = self.lifecycle.lock().await;
+        if self.pod().containers.contains_key(&req.id) {
+            return Err(rpc_error(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        self.create_inner(&req).await?;
+        let container = self.container(&req.id)?;
+        // Output is copied from creation on, as runc's shim does: nothing written before the
+        // start is lost.
+        let agent = self.agent()?;
+        let pumps = StdioPumps::start(agent, &req.id, "", &container.init.stdio);
+        self.watch_exit(container.init.clone(), pumps);
+        let event = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid: std::process::id(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
+            .await;
+        info!("container {} created", req.id);
+        Ok(CreateTaskResponse {
+            pid: std::process::id(),
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        if process.status() != ProcessStatus::Created {
+            return Err(rpc_error(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("{} is not in the created state", process.event_id()),
+            ));
+        }
+        let agent = self.agent()?;
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            let mut r = ContainerRequest::new();
+            r.container_id = req.id.clone();
+            agent
+                .start_container(agent_ctx(), &r)
+                .await
+                .map_err(|e| from_agent("StartContainer", e))?;
+            process.set_running();
+            let event = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
+                .await;
+        } else {
+            let mut r = AgentExec::new();
+            r.container_id = req.id.clone();
+            r.exec_id = req.exec_id.clone();
+            r.process_json = process.process_json.clone();
+            agent
+                .exec_process(agent_ctx(), &r)
+                .await
+                .map_err(|e| from_agent("ExecProcess", e))?;
+            process.set_running();
+            let pumps = StdioPumps::start(agent, &req.id, &req.exec_id, &process.stdio);
+            self.watch_exit(process.clone(), pumps);
+            let event = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        let _serial = self.lifecycle.lock().await;
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        let (exit_status, exited_at) = match process.status() {
+            ProcessStatus::Running => {
+                return Err(rpc_error(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("{} is still running: kill it first", process.event_id()),
+                ))
+            }
+            ProcessStatus::Stopped {
+                exit_status,
+                exited_at,
+            } => (exit_status, MessageField::some(exited_at)),
+            ProcessStatus::Created => (0, MessageField::some(super::process::now())),
+        };
+        let pid = std::process::id();
+        if !req.exec_id.is_empty() {
+            container
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&req.exec_id);
+            return Ok(DeleteResponse {
+                pid,
+                exit_status,
+                exited_at,
+                ..Default::default()
+            });
+        }
+        let sandbox = self.sandbox()?;
+        let mut r = RemoveContainerRequest::new();
+        r.container_id = req.id.clone();
+        r.force = true;
+        if let Err(e) = sandbox.agent().remove_container(agent_ctx(), &r).await {
+            warn!("removing container {} in the guest: {e}", req.id);
+        }
+        sandbox.forget_container(&req.id).await;
+        // Unblocks a waiter of a container that was created but never started.
+        process.set_exited(exit_status);
+        self.pod().containers.remove(&req.id);
+        if container.owns_sandbox {
+            let stopped = {
+                let mut pod = self.pod();
+                let others: Vec<Arc<Container>> = pod.containers.drain().map(|(_, c)| c).collect();
+                for c in &others {
+                    c.init.set_exited(LOST_STATUS);
+                }
+                pod.sandbox.take()
+            };
+            if let Some(s) = stopped {
+                s.stop().await;
+                info!("sandbox {} stopped", s.id);
+            }
+        }
+        let event = TaskDelete {
+            container_id: req.id.clone(),
+            pid,
+            exit_status,
+            exited_at: exited_at.clone(),
+            id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(DeleteResponse {
+            pid,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let _ = self.container(&req.id)?;
+        let mut r = ContainerRequest::new();
+        r.container_id = req.id.clone();
+        let list = self
+            .agent()?
+            .list_processes(agent_ctx(), &r)
+            .await
+            .map_err(|e| from_agent("ListProcesses", e))?;
+        let processes = list
+            .pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid: pid as u32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        self.set_paused(&req.id, true).await
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        self.set_paused(&req.id, false).await
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        if process.is_stopped() {
+            return Err(not_found(format!(
+                "{}: process already finished",
+                process.event_id()
+            )));
+        }
+        let mut r = SignalProcessRequest::new();
+        r.container_id = req.id.clone();
+        r.exec_id = req.exec_id.clone();
+        r.signal = req.signal;
+        r.all = req.all;
+        match self.agent()?.signal_process(agent_ctx(), &r).await {
+            Ok(_) => Ok(Empty::new()),
+            Err(e) if is_gone(&e) => Err(not_found(format!(
+                "{}: process already finished",
+                process.event_id()
+            ))),
+            Err(e) => Err(from_agent("SignalProcess", e)),
+        }
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let container = self.container(&req.id)?;
+        if container.init.is_stopped() {
+            return Err(rpc_error(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        let spec = req.spec.as_ref().ok_or_else(|| {
+            rpc_error(ttrpc::Code::INVALID_ARGUMENT, "exec without a process spec")
+        })?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut process_json = spec.value.clone();
+        // containerd's spec says whether a terminal is wanted; the request is what counts.
+        if let Ok(mut p) = serde_json::from_slice::<serde_json::Value>(&process_json) {
+            p["terminal"] = serde_json::Value::Bool(req.terminal);
+            process_json = serde_json::to_vec(&p).unwrap_or(process_json);
+        }
+        {
+            let mut execs = container.execs.lock().unwrap_or_else(|e| e.into_inner());
+            if execs.contains_key(&req.exec_id) {
+                return Err(rpc_error(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+            execs.insert(
+                req.exec_id.clone(),
+                Arc::new(Process::new(&req.id, &req.exec_id, stdio, process_json)),
+            );
+        }
+        let event = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let container = self.container(&req.id)?;
+        let _ = container.process(&req.exec_id)?;
+        let mut r = TtyWinResizeRequest::new();
+        r.container_id = req.id.clone();
+        r.exec_id = req.exec_id.clone();
+        r.row = req.height;
+        r.column = req.width;
+        self.agent()?
+            .tty_win_resize(agent_ctx(), &r)
+            .await
+            .map_err(|e| from_agent("TtyWinResize", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        // containerd closes its end of the stdin FIFO before asking: the copy sees the end of
+        // the FIFO, hands over what it read and then closes the process's stdin itself, so
+        // nothing written before the close is lost.
+        let container = self.container(&req.id)?;
+        let _ = container.process(&req.exec_id)?;
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let _ = self.container(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| rpc_error(ttrpc::Code::INVALID_ARGUMENT, "update without resources"))?;
+        let mut r = UpdateContainerRequest::new();
+        r.container_id = req.id.clone();
+        r.resources_json = resources.value.clone();
+        self.agent()?
+            .update_container(agent_ctx(), &r)
+            .await
+            .map_err(|e| from_agent("UpdateContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let process = self.container(&req.id)?.process(&req.exec_id)?;
+        let (exit_status, exited_at) = process.wait().await;
+        Ok(WaitResponse {
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let _ = self.container(&req.id)?;
+        let mut r = ContainerRequest::new();
+        r.container_id = req.id.clone();
+        let s = self
+            .agent()?
+            .stats_container(agent_ctx(), &r)
+            .await
+            .map_err(|e| from_agent("StatsContainer", e))?;
+        let entry = |usage, max, limit, failcnt| {
+            MessageField::some(MemoryEntry {
+                usage,
+                max,
+                limit,
+                failcnt,
+                ..Default::default()
+            })
+        };
+        let metrics = Metrics {
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    user: s.cpu_user_ns,
+                    kernel: s.cpu_system_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                usage: entry(
+                    s.memory_usage,
+                    s.memory_max_usage,
+                    s.memory_limit,
+                    s.memory_failcnt,
+                ),
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            memory_oom_control: MessageField::some(MemoryOomControl {
+                oom_kill: s.oom_kills,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stats = convert_to_any(Box::new(metrics))
+            .map_err(|e| rpc_error(ttrpc::Code::INTERNAL, format!("encoding the metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let container = self.container(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        let paused = container.paused.load(std::sync::atomic::Ordering::SeqCst);
+        let (status, exit_status, exited_at) = containerd_status(&process, paused);
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: container.bundle.clone(),
+            pid: std::process::id(),
+            status: status.into(),
+            stdin: process.stdio.stdin.clone(),
+            stdout: process.stdio.stdout.clone(),
+            stderr: process.stdio.stderr.clone(),
+            terminal: process.stdio.terminal,
+            exit_status,
+            exited_at,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let _ = self.container(&req.id)?;
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        let pod = self.pod();
+        if pod.containers.is_empty() && pod.sandbox.is_none() {
+            info!("no container left: the shim exits");
+            self.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+}
