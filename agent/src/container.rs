@@ -463,6 +463,88 @@ pub fn oom_kills(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// What StatsContainer reports of a cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BasicStats {
+    pub cpu_usage_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
+    pub memory_usage: u64,
+    pub memory_max_usage: u64,
+    pub memory_limit: u64,
+    pub memory_failcnt: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+}
+
+impl From<&Stats> for BasicStats {
+    fn from(s: &Stats) -> Self {
+        BasicStats {
+            cpu_usage_ns: s.cpu.usage.usage_total,
+            cpu_user_ns: s.cpu.usage.usage_user,
+            cpu_system_ns: s.cpu.usage.usage_kernel,
+            memory_usage: s.memory.memory.usage,
+            memory_max_usage: s.memory.memory.max_usage,
+            memory_limit: s.memory.memory.limit,
+            memory_failcnt: s.memory.memory.fail_count,
+            pids_current: s.pids.current,
+            pids_limit: s.pids.limit,
+        }
+    }
+}
+
+/// A `key value` line of a flat-keyed cgroup file.
+fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A single-value cgroup file; `max` (no limit) reads as `u64::MAX`, as libcgroups reports it.
+fn single(dir: &Path, file: &str) -> u64 {
+    match std::fs::read_to_string(dir.join(file)) {
+        Ok(v) if v.trim() == "max" => u64::MAX,
+        Ok(v) => v.trim().parse().unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The statistics read straight from a cgroup v2 directory: cpu, memory and pids only.
+/// libcgroups' whole-cgroup statistics fail unless every controller's files exist (hugetlb and
+/// io among them), and the condensed guest kernel has neither.
+pub fn basic_stats_v2(dir: &Path) -> Result<BasicStats, ContainerError> {
+    let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
+        .map_err(|e| ContainerError::Io(dir.join("cpu.stat"), e))?;
+    let events = std::fs::read_to_string(dir.join("memory.events")).unwrap_or_default();
+    Ok(BasicStats {
+        cpu_usage_ns: keyed(&cpu, "usage_usec") * 1000,
+        cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
+        cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
+        memory_usage: single(dir, "memory.current"),
+        memory_max_usage: single(dir, "memory.peak"),
+        memory_limit: single(dir, "memory.max"),
+        memory_failcnt: keyed(&events, "max"),
+        pids_current: single(dir, "pids.current"),
+        pids_limit: single(dir, "pids.max"),
+    })
+}
+
+/// The container's statistics: libcgroups', else (cgroup v2) [`basic_stats_v2`].
+pub fn basic_stats(id: &str, path: &Path) -> Result<BasicStats, ContainerError> {
+    match stats(id, path) {
+        Ok(s) => Ok(BasicStats::from(&s)),
+        Err(e) => {
+            let dir = Path::new("/sys/fs/cgroup").join(path.strip_prefix("/").unwrap_or(path));
+            if dir.join("cgroup.controllers").exists() {
+                basic_stats_v2(&dir)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 /// The `oom_kill N` line of memory.events or memory.oom_control.
 pub fn parse_oom_kill(text: &str) -> u64 {
     text.lines()
@@ -474,6 +556,38 @@ pub fn parse_oom_kill(text: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_statistics_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |f: &str, t: &str| std::fs::write(dir.path().join(f), t).unwrap();
+        w(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n",
+        );
+        w("memory.current", "4096\n");
+        w("memory.max", "max\n");
+        w("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
+        w("pids.current", "2\n");
+        w("pids.max", "1024\n");
+        let s = basic_stats_v2(dir.path()).unwrap();
+        assert_eq!(
+            s,
+            BasicStats {
+                cpu_usage_ns: 1_500_000,
+                cpu_user_ns: 1_000_000,
+                cpu_system_ns: 500_000,
+                memory_usage: 4096,
+                memory_max_usage: 0,
+                memory_limit: u64::MAX,
+                memory_failcnt: 3,
+                pids_current: 2,
+                pids_limit: 1024,
+            }
+        );
+        std::fs::remove_file(dir.path().join("cpu.stat")).unwrap();
+        assert!(basic_stats_v2(dir.path()).is_err());
+    }
 
     fn spec_json(root: &str, extra_mount: Option<&str>) -> Vec<u8> {
         let mut mounts =

@@ -640,17 +640,17 @@ impl AgentService for Agent {
             .get(&req.container_id)
             .map_err(RpcError::from)?;
         let resp = blocking(move || {
-            let stats = container::stats(&entry.id, &entry.cgroup_path)?;
+            let stats = container::basic_stats(&entry.id, &entry.cgroup_path)?;
             let mut resp = StatsContainerResponse::new();
-            resp.cpu_usage_ns = stats.cpu.usage.usage_total;
-            resp.cpu_user_ns = stats.cpu.usage.usage_user;
-            resp.cpu_system_ns = stats.cpu.usage.usage_kernel;
-            resp.memory_usage = stats.memory.memory.usage;
-            resp.memory_max_usage = stats.memory.memory.max_usage;
-            resp.memory_limit = stats.memory.memory.limit;
-            resp.memory_failcnt = stats.memory.memory.fail_count;
-            resp.pids_current = stats.pids.current;
-            resp.pids_limit = stats.pids.limit;
+            resp.cpu_usage_ns = stats.cpu_usage_ns;
+            resp.cpu_user_ns = stats.cpu_user_ns;
+            resp.cpu_system_ns = stats.cpu_system_ns;
+            resp.memory_usage = stats.memory_usage;
+            resp.memory_max_usage = stats.memory_max_usage;
+            resp.memory_limit = stats.memory_limit;
+            resp.memory_failcnt = stats.memory_failcnt;
+            resp.pids_current = stats.pids_current;
+            resp.pids_limit = stats.pids_limit;
             resp.oom_kills = container::oom_kills(&entry.cgroup_path);
             Ok(resp)
         })

@@ -7,6 +7,8 @@
 //! Kernels come from the environment: `RUND_GUEST_KERNEL_DIR` (the condensed kernel's `vmlinux` and
 //! `bzImage`, from `guest-kernel-config/build`) and `RUND_STOCK_KERNEL` (Debian's generic bzImage).
 
+pub mod containerd;
+pub mod cri;
 pub mod devbench;
 pub mod initramfs;
 pub mod stream;

@@ -115,6 +115,9 @@ impl HostCgroup {
             // One shim per sandbox: a refill thread per shim would race the others for nothing;
             // the pool is topped up after the sandbox has started (see `refill`).
             background_refill: false,
+            // Filling happens after the sandbox runs (`refill`): a dry pool costs this start one
+            // mkdir, not a whole fill.
+            low_watermark: 0,
             ..config.pool_config()
         };
         let alive = |sid: &SandboxId| crate::shim::record::sandbox_alive(&run_dir, sid.as_str());

@@ -29,7 +29,8 @@ use crate::config::{Config, LogLevel};
 const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 const GUEST_CID: u64 = 3;
-const VSOCK_SOCKET: &str = "vsock.sock";
+/// Short: a unix socket path holds at most 107 bytes, and a CRI sandbox id alone is 64.
+const VSOCK_SOCKET: &str = "vsock";
 /// Storage names in the guest (`<GUEST_STORAGE_DIR>/<name>`) and their virtio-fs tags.
 const SHARE_RO: &str = "share-ro";
 const SHARE_RW: &str = "share-rw";
@@ -65,7 +66,7 @@ pub enum SandboxError {
     Vm(String),
     #[error("the agent did not answer within {0:?} of the VM's start{1}")]
     AgentTimeout(Duration, String),
-    #[error("the agent refused {op}: {source}")]
+    #[error("the agent refused {op}: {}", agent_message(.source))]
     Agent {
         op: &'static str,
         source: ttrpc::Error,
@@ -74,6 +75,14 @@ pub enum SandboxError {
     Spec(#[from] super::spec::SpecError),
     #[error("a blocking task of the sandbox failed: {0}")]
     Join(String),
+}
+
+/// What the agent said: its status message alone (the status's Debug form is protobuf noise).
+pub fn agent_message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// How long each step of a sandbox's start took.

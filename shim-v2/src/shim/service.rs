@@ -248,12 +248,16 @@ impl TaskService {
     }
 
     async fn create_inner(&self, req: &CreateTaskRequest) -> TtrpcResult<()> {
-        let spec = Spec::load(Path::new(&req.bundle).join("config.json")).map_err(|e| {
+        let path = Path::new(&req.bundle).join("config.json");
+        let bad = |why: String| {
             rpc_error(
                 ttrpc::Code::INVALID_ARGUMENT,
-                format!("the bundle's config.json: {e}"),
+                format!("the bundle's config.json: {why}"),
             )
-        })?;
+        };
+        // serde_json directly: oci-spec's own loader drops the parser's message and position.
+        let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let spec: Spec = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         let annotations = spec.annotations().clone().unwrap_or_default();
         let kind = annotations.get(CONTAINER_TYPE).map(String::as_str);
         let joins = kind == Some("container");
@@ -557,7 +561,11 @@ impl Task for TaskService {
         if let Err(e) = sandbox.agent().remove_container(agent_ctx(), &r).await {
             warn!("removing container {} in the guest: {e}", req.id);
         }
-        sandbox.forget_container(&req.id).await;
+        // The sandbox's owner keeps its shares until the VM has stopped (below): the VMM
+        // holds files in them open until then.
+        if !container.owns_sandbox {
+            sandbox.forget_container(&req.id).await;
+        }
         // Unblocks a waiter of a container that was created but never started.
         process.set_exited(exit_status);
         self.pod().containers.remove(&req.id);
