@@ -64,6 +64,11 @@ pub fn serve<S: Read + Write>(stream: S) -> io::Result<()> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
     r.read_line(&mut line)?;
+    serve_request(&line, r)
+}
+
+/// [`serve`] once its command `line` was read from `r`.
+pub fn serve_request<S: Read + Write>(line: &str, mut r: BufReader<S>) -> io::Result<()> {
     let mut words = line.split_whitespace();
     match (words.next(), words.next()) {
         (Some("SINK"), None) => {

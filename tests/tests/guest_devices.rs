@@ -308,7 +308,13 @@ fn devices_serve_the_linux_drivers() {
             tag: tag.into(),
             shared_dir: f.path(dir),
             read_only,
-            cache: CachePolicy::Auto,
+            // As the shim shares them: image layers never change under the guest (`always`,
+            // where the guest opens no host file to read one), volumes may (`auto`).
+            cache: if read_only {
+                CachePolicy::Always
+            } else {
+                CachePolicy::Auto
+            },
             xattr: false,
         })
         .unwrap()

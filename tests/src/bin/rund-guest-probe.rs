@@ -1,8 +1,9 @@
 //! `rund-guest-probe`: what the device tests run inside the guest, beside busybox: checked vsock
-//! streams ([`rund_tests::stream`]) in either direction, and forged file handles against a
-//! virtio-fs mount. Each step prints one `RUND-PROBE <what> ok|FAIL ...` line for the host to read.
+//! streams ([`rund_tests::stream`]) in either direction, forged file handles against a virtio-fs
+//! mount, and the benchmarks' guest side. Each step prints one `RUND-PROBE <what> ok|FAIL ...`
+//! line for the host to read.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,30 +53,43 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         max_nodeid: u64,
     },
-    /// Serves the stream benchmarks (SINK, SOURCE, ECHO) on vsock `port`, `count` connections.
-    BenchServe {
+    /// The benchmarks' guest side, on vsock `port`, one request per connection, until `QUIT`:
+    /// the stream benchmarks (`SINK`, `SOURCE <n>`, `ECHO`), or `RUN <benchmark>` (the words of a
+    /// [`BenchKind`] command line), answered with one `RUND-BENCH <name> <value> <unit>` line or
+    /// an `ERROR <why>` line.
+    BenchAgent {
         #[arg(long)]
         port: u32,
-        #[arg(long)]
-        count: usize,
     },
-    /// Benchmarks reading a file, a directory of small files, or O_DIRECT I/O on a file or disk;
-    /// prints `RUND-BENCH <name> <value> <unit>`.
-    Bench {
-        /// The name printed with the figure.
-        #[arg(long)]
-        name: String,
-        #[command(subcommand)]
-        what: BenchKind,
-    },
+}
+
+/// One `RUN` request of the bench agent.
+#[derive(Parser)]
+#[command(no_binary_name = true)]
+struct BenchLine {
+    /// The name printed with the figure.
+    #[arg(long)]
+    name: String,
+    #[command(subcommand)]
+    what: BenchKind,
 }
 
 #[derive(Subcommand)]
 enum BenchKind {
     /// Sequential read of one file (MB/s).
-    ReadFile { path: PathBuf },
+    ReadFile {
+        path: PathBuf,
+        /// Drop the page cache first, so that the file comes through the filesystem's device.
+        #[arg(long)]
+        drop_caches: bool,
+    },
     /// Open, read and close of every file in a directory (files/s).
-    ReadTree { dir: PathBuf },
+    ReadTree {
+        dir: PathBuf,
+        /// Drop the page, dentry and inode caches first.
+        #[arg(long)]
+        drop_caches: bool,
+    },
     /// O_DIRECT sequential I/O of `bytes` in 1 MiB blocks (MB/s).
     Sequential {
         path: PathBuf,
@@ -109,8 +123,7 @@ fn main() -> ExitCode {
             secret,
             max_nodeid,
         } => fs_handles(&dir, &secret, max_nodeid),
-        Command::BenchServe { port, count } => bench_serve(port, count),
-        Command::Bench { name, what } => bench(name, what),
+        Command::BenchAgent { port } => bench_agent(port),
     };
     if ok {
         ExitCode::SUCCESS
@@ -119,36 +132,71 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench_serve(port: u32, count: usize) -> bool {
+fn bench_agent(port: u32) -> bool {
     let listener = match VsockListener::bind(&VsockAddr::new(libc::VMADDR_CID_ANY, port)) {
         Ok(l) => l,
         Err(e) => {
-            println!("RUND-PROBE bench-serve FAIL cannot listen on port {port}: {e}");
+            println!("RUND-PROBE bench-agent FAIL cannot listen on port {port}: {e}");
             return false;
         }
     };
-    println!("RUND-PROBE bench-serve listening port={port}");
-    for _ in 0..count {
-        match listener.accept() {
-            Ok((s, _)) => {
-                if let Err(e) = devbench::serve(s) {
-                    println!("RUND-PROBE bench-serve FAIL {e}");
-                    return false;
-                }
-            }
+    println!("RUND-PROBE bench-agent listening port={port}");
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
-                println!("RUND-PROBE bench-serve FAIL accept: {e}");
+                println!("RUND-PROBE bench-agent FAIL accept: {e}");
                 return false;
             }
+        };
+        let mut r = BufReader::new(stream);
+        let mut line = String::new();
+        if let Err(e) = r.read_line(&mut line) {
+            println!("RUND-PROBE bench-agent FAIL reading a request: {e}");
+            return false;
+        }
+        let served = match line.trim().split_once(' ') {
+            _ if line.trim() == "QUIT" => return writeln!(r.get_mut(), "ok").is_ok(),
+            Some(("RUN", args)) => {
+                let answer = run_bench(args).unwrap_or_else(|e| format!("ERROR {e}"));
+                writeln!(r.get_mut(), "{answer}")
+            }
+            _ => devbench::serve_request(&line, r),
+        };
+        if let Err(e) = served {
+            println!("RUND-PROBE bench-agent FAIL {}: {e}", line.trim());
+            return false;
         }
     }
-    true
 }
 
-fn bench(name: String, what: BenchKind) -> bool {
+/// Runs the benchmark named by the words of `args`; returns its figure line.
+fn run_bench(args: &str) -> Result<String, String> {
+    let BenchLine { name, what } =
+        BenchLine::try_parse_from(args.split_whitespace()).map_err(|e| e.to_string())?;
+    let drop_caches = |yes: bool| -> std::io::Result<()> {
+        if yes {
+            // Written-back pages, then the clean page cache, dentries and inodes.
+            sync_filesystems();
+            std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+        }
+        Ok(())
+    };
     let (value, unit) = match what {
-        BenchKind::ReadFile { path } => (devbench::read_file(&path), "MB/s"),
-        BenchKind::ReadTree { dir } => (devbench::read_tree(&dir), "files/s"),
+        BenchKind::ReadFile {
+            path,
+            drop_caches: d,
+        } => (
+            drop_caches(d).and_then(|()| devbench::read_file(&path)),
+            "MB/s",
+        ),
+        BenchKind::ReadTree {
+            dir,
+            drop_caches: d,
+        } => (
+            drop_caches(d).and_then(|()| devbench::read_tree(&dir)),
+            "files/s",
+        ),
         BenchKind::Sequential { path, bytes, write } => {
             (devbench::sequential_direct(&path, bytes, write), "MB/s")
         }
@@ -156,16 +204,14 @@ fn bench(name: String, what: BenchKind) -> bool {
             (devbench::random_reads_direct(&path, span, ops), "IOPS")
         }
     };
-    match value {
-        Ok(value) => {
-            println!("{}", Figure { name, value, unit });
-            true
-        }
-        Err(e) => {
-            println!("RUND-PROBE bench {name} FAIL {e}");
-            false
-        }
-    }
+    let value = value.map_err(|e| format!("{name}: {e}"))?;
+    Ok(Figure { name, value, unit }.to_string())
+}
+
+/// sync(2): what drop_caches cannot drop until it is on disk.
+fn sync_filesystems() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 fn shutdown_write(s: &VsockStream) -> std::io::Result<()> {

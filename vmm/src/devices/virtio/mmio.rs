@@ -530,18 +530,35 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::{
+        negotiate, read_reg as r, setup_queue, write_reg as w,
+    };
+    use crate::devices::virtio::VirtioCommon;
     use event_manager::{EventOps, Events, MutEventSubscriber};
     use status::*;
     use vm_memory::GuestAddress;
 
     /// A device with two queues and an 8-byte config space, recording what the transport tells it.
-    #[derive(Default)]
     struct TestDevice {
+        common: VirtioCommon,
         acked: u64,
         config: [u8; 8],
         activated_with: Option<Vec<(u16, bool)>>,
         resets: u32,
         refuse: bool,
+    }
+
+    impl Default for TestDevice {
+        fn default() -> Self {
+            TestDevice {
+                common: VirtioCommon::new("test", &[256, 16], 0b101).unwrap(),
+                acked: 0,
+                config: [0; 8],
+                activated_with: None,
+                resets: 0,
+                refuse: false,
+            }
+        }
     }
 
     impl MutEventSubscriber for TestDevice {
@@ -553,11 +570,11 @@ mod tests {
         fn device_type(&self) -> u32 {
             4
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[256, 16]
+        fn common(&self) -> &VirtioCommon {
+            &self.common
         }
-        fn features(&self) -> u64 {
-            0b101
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
         }
         fn set_acked_features(&mut self, f: u64) {
             self.acked = f;
@@ -639,37 +656,9 @@ mod tests {
         Fixture { dev, t, irq }
     }
 
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    /// Drives the device to FEATURES_OK, accepting `features`.
-    fn negotiate(t: &mut MmioTransport, features: u64) {
-        w(t, reg::STATUS, ACKNOWLEDGE);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
-        w(t, reg::DRIVER_FEATURES_SEL, 0);
-        w(t, reg::DRIVER_FEATURES, features as u32);
-        w(t, reg::DRIVER_FEATURES_SEL, 1);
-        w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    }
-
-    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
-        w(t, reg::QUEUE_SEL, index);
-        w(t, reg::QUEUE_NUM, size);
-        w(t, reg::QUEUE_DESC_LOW, base as u32);
-        w(t, reg::QUEUE_DESC_HIGH, (base >> 32) as u32);
-        w(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
-        w(t, reg::QUEUE_DRIVER_HIGH, 0);
-        w(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
-        w(t, reg::QUEUE_DEVICE_HIGH, 0);
-        w(t, reg::QUEUE_READY, 1);
+    /// A queue's rings laid out from `base`, 4 KiB apart.
+    fn rings(base: u64) -> (u64, u64, u64) {
+        (base, base + 0x1000, base + 0x2000)
     }
 
     #[test]
@@ -752,7 +741,7 @@ mod tests {
         w(&mut f.t, reg::QUEUE_NUM, 64);
         assert_eq!(f.t.state().unwrap().queues[0].size, 256);
         negotiate(&mut f.t, VIRTIO_F_VERSION_1);
-        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0x1_0000));
         let q = &f.t.state().unwrap().queues[0];
         assert_eq!(
             (q.size, q.ready, q.desc_table, q.avail_ring, q.used_ring),
@@ -778,8 +767,8 @@ mod tests {
     fn driver_ok_activates_with_valid_queues() {
         let mut f = fixture();
         negotiate(&mut f.t, VIRTIO_F_VERSION_1);
-        setup_queue(&mut f.t, 0, 64, 0x1_0000);
-        setup_queue(&mut f.t, 1, 16, 0x2_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0x1_0000));
+        setup_queue(&mut f.t, 1, 16, rings(0x2_0000));
         w(
             &mut f.t,
             reg::STATUS,
@@ -800,7 +789,7 @@ mod tests {
     fn a_queue_outside_guest_memory_needs_reset() {
         let mut f = fixture();
         negotiate(&mut f.t, VIRTIO_F_VERSION_1);
-        setup_queue(&mut f.t, 0, 64, 0xffff_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0xffff_0000));
         w(
             &mut f.t,
             reg::STATUS,
@@ -820,7 +809,7 @@ mod tests {
         let mut f = fixture();
         f.dev.lock().unwrap().refuse = true;
         negotiate(&mut f.t, VIRTIO_F_VERSION_1);
-        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0x1_0000));
         w(
             &mut f.t,
             reg::STATUS,
@@ -845,7 +834,7 @@ mod tests {
     fn reset_returns_to_the_initial_state() {
         let mut f = fixture();
         negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
-        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0x1_0000));
         w(
             &mut f.t,
             reg::STATUS,
@@ -915,7 +904,7 @@ mod tests {
     fn restore_puts_an_activated_device_back() {
         let mut f = fixture();
         negotiate(&mut f.t, VIRTIO_F_VERSION_1 | 1);
-        setup_queue(&mut f.t, 0, 64, 0x1_0000);
+        setup_queue(&mut f.t, 0, 64, rings(0x1_0000));
         w(&mut f.t, reg::STATUS, ACKNOWLEDGE | DRIVER);
         w(
             &mut f.t,

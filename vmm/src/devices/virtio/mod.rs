@@ -3,12 +3,19 @@
 //!
 //! A device is also an event-loop subscriber: once the driver activates it, it registers its queues'
 //! notification eventfds (which KVM signals through ioeventfd, with no VM exit to user space) and
-//! serves them on the VMM thread.
+//! serves them on the VMM thread. [`common`] is that part, the same for every device, with the
+//! feature bookkeeping.
 
 pub mod block;
+pub mod common;
 pub mod fs;
 pub mod mmio;
+pub mod segments;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod vsock;
+
+pub use common::{ActiveQueues, QueueEvent, VirtioCommon};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -41,6 +48,19 @@ pub mod status {
 pub const INTERRUPT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
 pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// Copies the bytes of a device's configuration space `config` from `offset` into `data`; bytes
+/// past its end are left as they are.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+    else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
 
 /// A device's interrupt: the status register the guest reads and acknowledges, and the irqfd that
 /// injects the interrupt.
@@ -187,31 +207,66 @@ pub enum ActivateError {
     Device(String),
 }
 
-/// A virtio device behind a transport.
+/// A virtio device behind a transport. The features, the queues and their event-loop
+/// registration live in the device's [`VirtioCommon`]; the default methods serve them from there.
 pub trait VirtioDevice: MutEventSubscriber + Send {
     /// The virtio device ID (1 net, 2 block, 19 vsock, 26 fs, ...).
     fn device_type(&self) -> u32;
+    /// The part every device keeps the same way.
+    fn common(&self) -> &VirtioCommon;
+    /// The part every device keeps the same way, to change it.
+    fn common_mut(&mut self) -> &mut VirtioCommon;
     /// The maximum size of each queue; the number of entries is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().max_sizes()
+    }
     /// Features offered (VIRTIO_F_VERSION_1 is added by the transport).
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        self.common().avail_features()
+    }
     /// The subset the driver accepted, when it sets FEATURES_OK.
-    fn set_acked_features(&mut self, features: u64);
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().set_acked_features(features)
+    }
     /// Reads the device-specific configuration space; out-of-range bytes stay as they are.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific configuration space.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Writes the device-specific configuration space. By default it is read-only for the
+    /// driver, and a write is ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio device type {}: {}-byte config write at {offset:#x} ignored",
+            self.device_type(),
+            data.len()
+        );
+    }
+    /// The device's own work when the driver activates it, before the queues go live (virtio-fs
+    /// starts a FUSE server); an error refuses the activation. Nothing by default.
+    fn start_backend(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// The device's own work when the driver resets it (virtio-vsock drops host connections).
+    /// Nothing by default.
+    fn stop_backend(&mut self) {}
     /// The driver set DRIVER_OK: start serving `queues` (one per entry of `queue_max_sizes`).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         queues: Vec<DeviceQueue>,
-    ) -> Result<(), ActivateError>;
-    /// The driver reset the device: stop serving and forget the queues.
-    fn reset(&mut self);
+    ) -> Result<(), ActivateError> {
+        self.common().check(&queues)?;
+        self.start_backend()?;
+        self.common_mut().activate(mem, interrupt, queues)
+    }
+    /// The driver reset the device: stop serving and forget the queues and accepted features.
+    fn reset(&mut self) {
+        self.stop_backend();
+        self.common_mut().reset()
+    }
     /// The positions of an activated device's queues, in queue order (empty when not activated).
-    fn queue_states(&self) -> Vec<QueueSnapshot>;
+    fn queue_states(&self) -> Vec<QueueSnapshot> {
+        self.common().queue_states()
+    }
     /// The device's own part of a snapshot (configuration space, backend settings; not the queues
     /// nor the negotiated features, which the transport keeps). Read while the VM is paused.
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError>;

@@ -3,11 +3,8 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
 use super::request::{Rejected, Request, RequestType, Segment};
@@ -16,8 +13,9 @@ use super::{
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT,
     SEG_MAX,
 };
+use crate::devices::virtio::common::{needs_interrupt, serve_queue};
 use crate::devices::virtio::{
-    ActivateError, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot, VirtioDevice,
+    read_config_space, DeviceStateError, QueueSnapshot, VirtioCommon, VirtioDevice,
 };
 
 /// Errors making a block device.
@@ -26,7 +24,7 @@ pub enum BlockError {
     /// The backing file.
     #[error(transparent)]
     Disk(#[from] DiskError),
-    /// The activation eventfd.
+    /// The control eventfd.
     #[error("block device: cannot create an eventfd")]
     EventFd(#[source] io::Error),
 }
@@ -91,36 +89,12 @@ pub struct BlockState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-pub(super) struct Active {
-    pub(super) mem: GuestMemoryMmap,
-    pub(super) interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-blk device over a host file.
+#[derive(Debug)]
 pub struct Block {
     pub(super) disk: Disk,
-    avail_features: u64,
-    acked_features: u64,
     config: BlockConfig,
-    /// Written by `activate` and `reset` (on a vCPU thread) so that the VMM thread, which alone
-    /// can touch the event loop, (un)registers the queue notifiers.
-    pub(super) control: EventFd,
-    pub(super) queues: Vec<DeviceQueue>,
-    /// Notifiers of queues a reset dropped, still registered until the VMM thread removes them.
-    pub(super) retired: Vec<EventFd>,
-    /// Whether `queues`' notifiers are registered with the event loop.
-    pub(super) registered: bool,
-    pub(super) active: Option<Active>,
-}
-
-impl std::fmt::Debug for Block {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Block")
-            .field("disk", &self.disk)
-            .field("acked_features", &self.acked_features)
-            .field("active", &self.active.is_some())
-            .finish()
-    }
+    pub(super) common: VirtioCommon,
 }
 
 impl Block {
@@ -147,15 +121,9 @@ impl Block {
         }
         Ok(Block {
             disk,
-            avail_features,
-            acked_features: 0,
             config,
-            control: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            common: VirtioCommon::new("virtio-blk", &[QUEUE_SIZE], avail_features)
                 .map_err(BlockError::EventFd)?,
-            queues: Vec::new(),
-            retired: Vec::new(),
-            registered: false,
-            active: None,
         })
     }
 
@@ -168,68 +136,30 @@ impl Block {
     pub fn state(&self) -> BlockState {
         BlockState {
             read_only: self.disk.read_only(),
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
+            avail_features: self.common.avail_features(),
+            acked_features: self.common.acked_features(),
             config: self.config,
-            activated: self.active.is_some(),
+            activated: self.common.is_active(),
             queues: self.queue_states(),
-        }
-    }
-
-    fn kick_control(&self) {
-        if let Err(e) = self.control.write(1) {
-            log::error!("virtio-blk: cannot wake the event loop: {e}");
         }
     }
 
     /// Serves every available request on the queue, then interrupts the driver if it wants it.
     pub fn process_queue(&mut self) {
-        let (Some(active), Some(dq)) = (&self.active, self.queues.first_mut()) else {
+        let (disk, acked) = (&self.disk, self.common.acked_features());
+        let Some(active) = self.common.active_mut() else {
             return;
         };
-        let (mem, q) = (&active.mem, &mut dq.queue);
-        let mut used = false;
-        let mut idle_rounds = 0;
-        loop {
-            if let Err(e) = q.disable_notification(mem) {
-                log::warn!("virtio-blk: cannot disable notifications: {e}");
-                break;
-            }
-            let mut progressed = false;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let size = q.size();
-                let len = serve(&self.disk, self.acked_features, mem, chain, size);
-                match q.add_used(mem, head, len) {
-                    Ok(()) => used = true,
-                    Err(e) => log::warn!("virtio-blk: cannot return chain {head}: {e}"),
-                }
-            }
-            match q.enable_notification(mem) {
-                Ok(false) => break,
-                Ok(true) => {
-                    // More work arrived, or the available index is more than a queue ahead of
-                    // us, which the queue refuses to pop: a second round without progress tells
-                    // the two apart without spinning forever on a hostile index.
-                    idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
-                    if idle_rounds > 1 {
-                        log::warn!("virtio-blk: available ring index is invalid; queue stalled");
-                        break;
-                    }
-                }
-                Err(e) => {
-                    log::warn!("virtio-blk: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        // With EVENT_IDX the driver says which used index it wants to hear about.
-        let notify = used && q.needs_notification(mem).unwrap_or(true);
-        if notify {
-            if let Err(e) = active.interrupt.signal_used_ring() {
-                log::error!("virtio-blk: cannot signal the used ring: {e}");
-            }
+        let (mem, q) = (&active.mem, &mut active.queues[0].queue);
+        let used = serve_queue(
+            q,
+            mem,
+            "virtio-blk",
+            || true,
+            |chain, size| Some(serve(disk, acked, mem, chain, size)),
+        );
+        if needs_interrupt(q, mem, used) {
+            active.signal_used_ring();
         }
     }
 }
@@ -291,7 +221,7 @@ fn execute(disk: &Disk, acked: u64, mem: &GuestMemoryMmap, req: &Request) -> Res
     let offset = req.sector << SECTOR_SHIFT;
     match req.kind {
         RequestType::In => {
-            transfer(mem, &req.data, offset, |off, s| disk.read_into(off, s))
+            disk.read_vectored(offset, &guest_slices(mem, &req.data)?)
                 .map_err(|e| io_err("read", e))?;
             // A chain is shorter than 4 GiB (the queue crate ends one that is not).
             Ok(u32::try_from(req.data_len).unwrap_or(u32::MAX))
@@ -300,7 +230,7 @@ fn execute(disk: &Disk, acked: u64, mem: &GuestMemoryMmap, req: &Request) -> Res
             if disk.read_only() {
                 return Err(status::IOERR);
             }
-            transfer(mem, &req.data, offset, |off, s| disk.write_from(off, s))
+            disk.write_vectored(offset, &guest_slices(mem, &req.data)?)
                 .map_err(|e| io_err("write", e))?;
             Ok(0)
         }
@@ -356,21 +286,22 @@ fn execute(disk: &Disk, acked: u64, mem: &GuestMemoryMmap, req: &Request) -> Res
     }
 }
 
-/// Runs `f` over each host slice of `segs`, with the file offset each starts at.
-fn transfer(
-    mem: &GuestMemoryMmap,
+/// The host slices of guest memory behind `segs`, in order (the parser checked that they lie in
+/// guest memory; a failure means it changed under us).
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
     segs: &[Segment],
-    mut offset: u64,
-    mut f: impl FnMut(u64, &vm_memory::VolatileSlice<'_, ()>) -> io::Result<()>,
-) -> io::Result<()> {
+) -> Result<Vec<vm_memory::VolatileSlice<'m, ()>>, u8> {
+    let mut slices = Vec::with_capacity(segs.len());
     for seg in segs {
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
-            let slice = slice.map_err(io::Error::other)?;
-            f(offset, &slice)?;
-            offset += slice.len() as u64;
+            slices.push(slice.map_err(|e| {
+                log::warn!("virtio-blk: guest memory of a checked request: {e}");
+                status::IOERR
+            })?);
         }
     }
-    Ok(())
+    Ok(slices)
 }
 
 impl VirtioDevice for Block {
@@ -378,79 +309,20 @@ impl VirtioDevice for Block {
         BLOCK_DEVICE_ID
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config.to_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.config.to_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The only writable field, writeback, needs VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
-        log::debug!(
-            "virtio-blk: {}-byte config write at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        mut queues: Vec<DeviceQueue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::BadQueue(queues.len().min(1)));
-        }
-        if !queues[0].queue.ready() {
-            return Err(ActivateError::BadQueue(0));
-        }
-        if self.active.is_some() {
-            self.reset();
-        }
-        let event_idx = self.acked_features & features::EVENT_IDX != 0;
-        queues[0].queue.set_event_idx(event_idx);
-        self.queues = queues;
-        self.active = Some(Active { mem, interrupt });
-        self.kick_control();
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        if self.registered {
-            self.retired
-                .extend(self.queues.drain(..).map(|q: DeviceQueue| q.notify));
-            self.registered = false;
-            self.kick_control();
-        } else {
-            self.queues.clear();
-        }
-        self.acked_features = 0;
-    }
-
-    fn queue_states(&self) -> Vec<QueueSnapshot> {
-        self.queues
-            .iter()
-            .map(|q| QueueSnapshot::from(q.queue.state()))
-            .collect()
-    }
+    // write_config: the only writable field, writeback, needs VIRTIO_BLK_F_CONFIG_WCE, which is
+    // not offered; the default ignores writes.
 
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
         serde_json::to_value(self.state()).map_err(DeviceStateError::Format)
@@ -459,9 +331,7 @@ impl VirtioDevice for Block {
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
         let saved: BlockState =
             serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        if self.active.is_some() {
-            return Err(DeviceStateError::Busy("virtio-blk is activated".into()));
-        }
+        self.common.ensure_inactive()?;
         // The disk behind a restored guest must be the one it saw: same size, same mode, same
         // features; the transport puts back the acked features and queues.
         if saved.read_only != self.disk.read_only() {
@@ -471,13 +341,11 @@ impl VirtioDevice for Block {
                 self.disk.read_only()
             )));
         }
-        if saved.config != self.config || saved.avail_features != self.avail_features {
+        let avail_features = self.common.avail_features();
+        if saved.config != self.config || saved.avail_features != avail_features {
             return Err(DeviceStateError::Mismatch(format!(
                 "virtio-blk had {} sectors and features {:#x}, this disk has {} and {:#x}",
-                saved.config.capacity,
-                saved.avail_features,
-                self.config.capacity,
-                self.avail_features
+                saved.config.capacity, saved.avail_features, self.config.capacity, avail_features
             )));
         }
         Ok(())
@@ -487,27 +355,30 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::request::tests::{header, R, W};
-    use crate::devices::virtio::block::test_driver::{Driver, QSIZE};
-    use crate::devices::virtio::VIRTIO_F_VERSION_1;
+    use crate::devices::virtio::block::request::tests::header;
+    use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
+    use crate::devices::virtio::{DeviceQueue, Interrupt, VIRTIO_F_VERSION_1};
     use std::io::Write as _;
+    use std::sync::Arc;
     use virtio_bindings::virtio_blk as blk;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::Queue;
+    use virtio_queue::{Queue, QueueT};
+    use vmm_sys_util::eventfd::EventFd;
 
     const HDR: u64 = 0x8000;
     const DATA: u64 = 0x1_0000;
     const STATUS: u64 = 0x7000;
     const SECTORS: u64 = 64;
+    /// Entries in the test queue.
+    const QSIZE: u16 = 16;
 
     struct Harness {
-        mem: &'static GuestMemoryMmap,
-        mq: Driver<'static>,
+        mem: GuestMemoryMmap,
+        mq: QueueDriver,
         dev: Block,
         irq: EventFd,
         file: tempfile::NamedTempFile,
-        next_desc: u16,
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -521,29 +392,16 @@ mod tests {
             let mut file = tempfile::NamedTempFile::new().unwrap();
             file.write_all(&pattern(SECTORS as usize * 512, 0x5a))
                 .unwrap();
-            // Leaked so that the mock queue can borrow it for the harness's life.
-            let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-            ));
-            let mq = Driver { mem };
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let mq = QueueDriver::new(&mem, 0, QSIZE);
             let mut dev = Block::new(file.path(), ro).unwrap();
-            dev.set_acked_features(acked);
-            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            let queue = mq.queue();
-            let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            dev.activate(
-                mem.clone(),
-                Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-                vec![DeviceQueue { queue, notify }],
-            )
-            .unwrap();
+            let irq = activate(&mut dev, &mem, &[&mq], acked);
             Harness {
                 mem,
                 mq,
                 dev,
                 irq,
                 file,
-                next_desc: 0,
             }
         }
 
@@ -555,37 +413,10 @@ mod tests {
             Harness::new(false, all & !features::EVENT_IDX)
         }
 
-        fn mq(&self) -> &Driver<'static> {
-            &self.mq
-        }
-
-        fn push_raw(&self, descs: &[(u64, u32, u16, u16)], at: u16) {
-            self.mq.push(descs, at)
-        }
-
         /// Submits a linear chain, runs the device, returns the used element (id, len).
         fn submit(&mut self, descs: &[(u64, u32, u16)]) -> (u32, u32) {
-            let n = descs.len() as u16;
-            if self.next_desc + n > QSIZE {
-                self.next_desc = 0;
-            }
-            let at = self.next_desc;
-            let raw: Vec<_> = descs
-                .iter()
-                .enumerate()
-                .map(|(i, &(a, l, f))| {
-                    let last = i + 1 == descs.len();
-                    let f = if last {
-                        f
-                    } else {
-                        f | VRING_DESC_F_NEXT as u16
-                    };
-                    (a, l, f, at + i as u16 + 1)
-                })
-                .collect();
-            self.next_desc += n;
-            self.push_raw(&raw, at);
-            self.run_one(at)
+            let head = self.mq.add_chain(descs);
+            self.run_one(head)
         }
 
         fn run_one(&mut self, head: u16) -> (u32, u32) {
@@ -643,7 +474,7 @@ mod tests {
 
         /// A write and a read-back of fresh data: the device still serves.
         fn still_serves(&mut self) {
-            let data = pattern(1024, self.next_desc as u8);
+            let data = pattern(1024, self.mq.next_slot() as u8);
             assert_eq!(self.write(10, &data), status::OK);
             assert_eq!(self.read(10, 1024), (status::OK, data));
         }
@@ -991,16 +822,15 @@ mod tests {
     #[test]
     fn loops_and_overlong_chains_are_dropped() {
         let mut h = Harness::rw();
-        let n = VRING_DESC_F_NEXT as u16;
+        let n = N;
         // Two descriptors pointing at each other.
         h.prepare(blk::VIRTIO_BLK_T_OUT, 0);
-        h.push_raw(&[(HDR, 16, R | n, 1), (STATUS, 1, W | n, 0)], 0);
+        h.mq.push(&[(HDR, 16, R | n, 1), (STATUS, 1, W | n, 0)], 0);
         assert_eq!(h.run_one(0).1, 0);
         assert_eq!(h.status(), 0xff);
-        h.next_desc = 2;
         h.still_serves();
         // A next index outside the table.
-        h.push_raw(&[(HDR, 16, R | n, 200)], 0);
+        h.mq.push(&[(HDR, 16, R | n, 200)], 0);
         assert_eq!(h.run_one(0).1, 0);
         h.still_serves();
         // More descriptors than the queue has, through an indirect table.
@@ -1021,7 +851,7 @@ mod tests {
                 .unwrap();
         }
         h.prepare(blk::VIRTIO_BLK_T_OUT, 0);
-        h.push_raw(
+        h.mq.push(
             &[(
                 table,
                 16 * u32::from(count),
@@ -1038,9 +868,9 @@ mod tests {
     #[test]
     fn a_bogus_available_index_does_not_hang_the_device() {
         let mut h = Harness::rw();
-        h.mq().set_avail_idx(QSIZE + 5);
+        h.mq.set_avail_idx(QSIZE + 5);
         h.dev.process_queue();
-        assert_eq!(h.mq().used_idx(), 0);
+        assert_eq!(h.mq.used_idx(), 0);
     }
 
     #[test]
@@ -1050,7 +880,7 @@ mod tests {
                 .unwrap()
                 .features();
         let mut h = Harness::new(false, all);
-        let used_event = |h: &Harness, v: u16| h.mq().set_used_event(v);
+        let used_event = |h: &Harness, v: u16| h.mq.set_used_event(v);
         // The driver wants to hear when used idx passes 0: the first completion interrupts.
         used_event(&h, 0);
         assert_eq!(h.write(0, &[1; 512]), status::OK);
@@ -1060,7 +890,7 @@ mod tests {
         assert_eq!(h.write(0, &[2; 512]), status::OK);
         assert!(h.irq.read().is_err(), "no interrupt for entry 1");
         // avail_event tells the driver which index to notify at: the next one.
-        assert_eq!(h.mq().avail_event(), 2);
+        assert_eq!(h.mq.avail_event(), 2);
         used_event(&h, 2);
         assert_eq!(h.write(0, &[3; 512]), status::OK);
         assert_eq!(h.irq.read().unwrap(), 1);
@@ -1072,7 +902,7 @@ mod tests {
         h.still_serves();
         let s = h.dev.state();
         assert!(s.activated && !s.read_only);
-        assert_eq!(s.acked_features, h.dev.acked_features);
+        assert_eq!(s.acked_features, h.dev.common.acked_features());
         assert_eq!(s.config.capacity, SECTORS);
         assert_eq!(s.queues.len(), 1);
         let q = s.queues[0];
@@ -1080,10 +910,7 @@ mod tests {
             (q.size, q.ready, q.next_avail, q.next_used),
             (QSIZE, true, 2, 2)
         );
-        assert_eq!(
-            q.used_ring,
-            crate::devices::virtio::block::test_driver::USED
-        );
+        assert_eq!(q.used_ring, h.mq.used());
         let back: BlockState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
         let queue = Queue::try_from(q).unwrap();
@@ -1149,50 +976,15 @@ mod transport_tests {
     //! The device behind the real virtio-mmio transport and event loop, as the VMM runs it.
     use super::*;
     use crate::devices::bus::BusDevice;
-    use crate::devices::virtio::block::request::tests::{header, R, W};
-    use crate::devices::virtio::block::test_driver::{Driver, AVAIL, DESC, USED};
+    use crate::devices::virtio::block::request::tests::header;
     use crate::devices::virtio::mmio::{reg, MmioTransport};
-    use crate::devices::virtio::{status as dev_status, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::test_utils::{
+        bring_up, read_reg, run_until, write_reg, QueueDriver, R, W,
+    };
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use virtio_bindings::virtio_blk as blk;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn bring_up(t: &mut MmioTransport) {
-        use dev_status::*;
-        w(t, reg::STATUS, 0);
-        w(t, reg::STATUS, ACKNOWLEDGE);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
-        w(t, reg::DEVICE_FEATURES_SEL, 0);
-        let offered = r(t, reg::DEVICE_FEATURES);
-        w(t, reg::DRIVER_FEATURES_SEL, 0);
-        w(t, reg::DRIVER_FEATURES, offered);
-        w(t, reg::DRIVER_FEATURES_SEL, 1);
-        w(t, reg::DRIVER_FEATURES, (VIRTIO_F_VERSION_1 >> 32) as u32);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        w(t, reg::QUEUE_SEL, 0);
-        w(t, reg::QUEUE_NUM, 16);
-        w(t, reg::QUEUE_DESC_LOW, DESC as u32);
-        w(t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
-        w(t, reg::QUEUE_DEVICE_LOW, USED as u32);
-        w(t, reg::QUEUE_READY, 1);
-        w(
-            t,
-            reg::STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
-        assert_eq!(t.status() & DEVICE_NEEDS_RESET, 0);
-    }
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn served_through_mmio_and_the_event_loop_across_a_reset() {
@@ -1205,49 +997,41 @@ mod transport_tests {
         let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         em.add_subscriber(dev.clone());
 
-        assert_eq!(r(&mut t, reg::DEVICE_ID), 2);
+        assert_eq!(read_reg(&mut t, reg::DEVICE_ID), 2);
         let mut cap = [0u8; 8];
         t.read(reg::CONFIG, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 64);
 
-        let mq = Driver { mem: &mem };
+        let mq = QueueDriver::new(&mem, 0, 16);
         for round in 0..2u8 {
-            bring_up(&mut t);
+            bring_up(&mut t, &[&mq]);
             // The VMM thread registers the queue notifier.
-            em.run_with_timeout(100).unwrap();
+            let registered = || dev.lock().unwrap().common.is_registered();
+            run_until(&mut em, registered, "registration");
             let data = vec![0x40 + round; 512];
             mem.write_slice(&header(blk::VIRTIO_BLK_T_OUT, 3), GuestAddress(0x8000))
                 .unwrap();
             mem.write_slice(&data, GuestAddress(0x1_0000)).unwrap();
-            let n = VRING_DESC_F_NEXT as u16;
-            mq.push(
-                &[
-                    (0x8000, 16, R | n, 1),
-                    (0x1_0000, 512, R | n, 2),
-                    (0x7000, 1, W, 0),
-                ],
-                0,
-            );
+            mq.add_chain(&[(0x8000, 16, R), (0x1_0000, 512, R), (0x7000, 1, W)]);
             // What KVM's ioeventfd does on a QueueNotify write.
             t.queue_notifiers()[0].write(1).unwrap();
-            em.run_with_timeout(100).unwrap();
-            assert_eq!(mq.used_idx(), 1, "round {round}");
+            run_until(&mut em, || mq.used_idx() == 1, "the request served");
             assert_eq!(
                 mem.read_obj::<u8>(GuestAddress(0x7000)).unwrap(),
                 status::OK
             );
-            assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 1);
+            assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
             assert_eq!(irq.read().unwrap(), 1);
-            w(&mut t, reg::INTERRUPT_ACK, 1);
+            write_reg(&mut t, reg::INTERRUPT_ACK, 1);
             let on_disk = std::fs::read(file.path()).unwrap();
             assert_eq!(on_disk[3 * 512..4 * 512], data[..]);
             assert!(dev.lock().unwrap().state().activated);
-            // The driver resets the device; the VMM thread retires the old notifier. The mock's
-            // rings are reused from scratch next round, as a freshly probing driver would.
-            w(&mut t, reg::STATUS, 0);
-            em.run_with_timeout(100).unwrap();
+            // The driver resets the device; the VMM thread retires the old notifier. The rings
+            // are reused from scratch next round, as a freshly probing driver would.
+            write_reg(&mut t, reg::STATUS, 0);
+            let retired = || !dev.lock().unwrap().common.has_retired();
+            run_until(&mut em, retired, "retirement");
             assert!(!dev.lock().unwrap().state().activated);
-            assert!(dev.lock().unwrap().retired.is_empty());
             // A stale notification after the reset reaches nobody.
             t.queue_notifiers()[0].write(1).unwrap();
             em.run_with_timeout(10).unwrap();

@@ -1,58 +1,19 @@
-//! Event-loop glue: the device registers its control eventfd at start, its queue notifiers once
-//! activated, and takes them out again after a reset. Only the VMM thread can change the event
-//! loop, so activation and reset (which happen on a vCPU thread) just wake it through the control
-//! eventfd.
+//! Event-loop glue: the queue notifiers' registration is [`VirtioCommon`](crate::devices::virtio::VirtioCommon)'s business; a
+//! notification, or a fresh activation, serves the queue.
 
-use std::os::unix::io::AsRawFd;
-
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Block;
-
-impl Block {
-    fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for fd in self.retired.drain(..) {
-            if let Err(e) = ops.remove(Events::new(&fd, EventSet::IN)) {
-                log::warn!("virtio-blk: cannot unregister a queue notifier: {e:?}");
-            }
-        }
-        if self.active.is_some() && !self.registered {
-            for (i, q) in self.queues.iter().enumerate() {
-                let events = Events::with_data(&q.notify, i as u32, EventSet::IN);
-                if let Err(e) = ops.add(events) {
-                    log::error!("virtio-blk: cannot register queue {i}'s notifier: {e:?}");
-                }
-            }
-            self.registered = true;
-        }
-    }
-}
+use crate::devices::virtio::QueueEvent;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            log::error!("virtio-blk: cannot register the control eventfd: {e:?}");
-        }
+        self.common.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.control.as_raw_fd() {
-            // Nonblocking; a failed read only means another wake-up already drained it.
-            let _ = self.control.read();
-            self.sync_registrations(ops);
-            return;
-        }
-        if let Some(q) = self.queues.iter().find(|q| q.notify.as_raw_fd() == fd) {
-            let _ = q.notify.read();
+        if self.common.process(&events, ops) != QueueEvent::Handled {
             self.process_queue();
-            return;
         }
-        // A notifier a reset retired, firing before the control event removed it: drain it
-        // (the loop is level-triggered) and remove it now.
-        if let Some(r) = self.retired.iter().find(|r| r.as_raw_fd() == fd) {
-            let _ = r.read();
-        }
-        self.sync_registrations(ops);
     }
 }

@@ -14,8 +14,6 @@ pub mod device;
 pub mod disk;
 mod event_handler;
 pub mod request;
-#[cfg(test)]
-mod test_driver;
 
 pub use device::{Block, BlockConfig, BlockState};
 pub use disk::{Disk, DiskError};

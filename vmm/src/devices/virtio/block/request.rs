@@ -12,12 +12,14 @@ use std::ops::Deref;
 
 use virtio_bindings::virtio_blk as blk;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use super::{
     status, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
     SECTOR_SHIFT, SECTOR_SIZE,
 };
+pub use crate::devices::virtio::segments::Segment;
+use crate::devices::virtio::segments::{gather, sub_stream};
 
 /// Size of `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
 pub const HEADER_SIZE: u64 = 16;
@@ -53,15 +55,6 @@ impl RequestType {
             _ => return None,
         })
     }
-}
-
-/// A piece of guest memory carrying request data, checked to lie in guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    /// Guest physical start.
-    pub addr: GuestAddress,
-    /// Length in bytes.
-    pub len: u32,
 }
 
 /// One range of a discard or write-zeroes request, checked against the capacity and limits.
@@ -397,44 +390,13 @@ fn parse_ranges<M: GuestMemory + ?Sized>(
     Ok(ranges)
 }
 
-/// The guest ranges holding bytes `skip..skip + len` of the concatenation of `segs`.
-fn sub_stream(segs: &[Segment], mut skip: u64, mut len: u64) -> Vec<Segment> {
-    let mut out = Vec::new();
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        let seg_len = u64::from(s.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let take = (seg_len - skip).min(len);
-        // In range: skip < seg_len and the segment was checked to lie in guest memory.
-        out.push(Segment {
-            addr: s.addr.unchecked_add(skip),
-            len: take as u32,
-        });
-        len -= take;
-        skip = 0;
-    }
-    out
-}
-
 /// Fills `buf` from the start of the concatenation of `segs`.
 fn read_stream<M: GuestMemory + ?Sized>(
     mem: &M,
     segs: &[Segment],
     buf: &mut [u8],
 ) -> Result<(), RequestError> {
-    let mut at = 0;
-    for s in sub_stream(segs, 0, buf.len() as u64) {
-        let end = at + s.len as usize;
-        mem.read_slice(&mut buf[at..end], s.addr)
-            .map_err(|_| RequestError::GuestMemory)?;
-        at = end;
-    }
-    if at == buf.len() {
+    if gather(mem, segs, buf) {
         Ok(())
     } else {
         Err(RequestError::GuestMemory)
@@ -444,16 +406,11 @@ fn read_stream<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
+    use crate::devices::virtio::test_utils::{QueueDriver, R, W};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueOwnedT};
-    use vm_memory::GuestMemoryMmap;
-
-    pub(crate) const R: u16 = 0;
-    pub(crate) const W: u16 = VRING_DESC_F_WRITE as u16;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -472,19 +429,9 @@ pub(crate) mod tests {
         descs: &[(u64, u32, u16, u16)],
         cap: u64,
     ) -> Result<Request, Rejected> {
-        let mq = MockSplitQueue::new(mem, 16);
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .map(|&(a, l, f, n)| RawDescriptor::from(SplitDescriptor::new(a, l, f, n)))
-            .collect();
-        // Only the head goes in the available ring.
-        for (i, d) in raw.iter().enumerate() {
-            mq.desc_table().store(i as u16, *d).unwrap();
-        }
-        mq.avail().ring().ref_at(0).unwrap().store(0);
-        mq.avail().idx().store(1);
-        let mut q: Queue = mq.create_queue().unwrap();
-        let chain = q.iter(mem).unwrap().next().unwrap();
+        let driver = QueueDriver::new(mem, 0, 16);
+        driver.push(descs, 0);
+        let chain = driver.queue().pop_descriptor_chain(mem).unwrap();
         Request::parse(chain, 16, cap)
     }
 
@@ -494,20 +441,7 @@ pub(crate) mod tests {
         descs: &[(u64, u32, u16)],
         cap: u64,
     ) -> Result<Request, Rejected> {
-        let n = descs.len();
-        let raw: Vec<_> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(a, l, f))| {
-                let next = if i + 1 < n {
-                    VRING_DESC_F_NEXT as u16
-                } else {
-                    0
-                };
-                (a, l, f | next, i as u16 + 1)
-            })
-            .collect();
-        parse_raw(mem, &raw, cap)
+        parse_raw(mem, &QueueDriver::linked(descs, 0), cap)
     }
 
     #[test]

@@ -3,24 +3,23 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::filesystem::ShareFs;
 use super::guard::{self, Verdict};
 use super::{
     features, FS_DEVICE_ID, HIPRIO_QUEUE_SIZE, NUM_REQUEST_QUEUES, REQUEST_QUEUE_SIZE, TAG_LEN,
 };
+use crate::devices::virtio::common::{needs_interrupt, serve_queue};
 use crate::devices::virtio::{
-    ActivateError, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot, VirtioDevice,
+    read_config_space, ActivateError, DeviceStateError, QueueSnapshot, VirtioCommon, VirtioDevice,
 };
 
 /// How much the guest may cache (the passthrough's cache policy, and the entry and attribute
@@ -142,9 +141,8 @@ pub struct FsState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-pub(super) struct Active {
-    pub(super) mem: GuestMemoryMmap,
-    pub(super) interrupt: Arc<Interrupt>,
+/// The FUSE session of one activation.
+struct Session {
     server: Server<ShareFs>,
     /// The guest sent INIT: it holds nodeids a fresh server would not know.
     mounted: bool,
@@ -158,25 +156,17 @@ pub(super) struct Active {
 /// server does not know or maps to other files. Templates are taken before the share is mounted.
 pub struct Fs {
     config: FsConfig,
-    avail_features: u64,
-    acked_features: u64,
-    /// Written by `activate` and `reset` (on a vCPU thread) so that the VMM thread, which alone
-    /// can touch the event loop, (un)registers the queue notifiers.
-    pub(super) control: EventFd,
-    pub(super) queues: Vec<DeviceQueue>,
-    /// Notifiers of queues a reset dropped, still registered until the VMM thread removes them.
-    pub(super) retired: Vec<EventFd>,
-    /// Whether `queues`' notifiers are registered with the event loop.
-    pub(super) registered: bool,
-    pub(super) active: Option<Active>,
+    pub(super) common: VirtioCommon,
+    /// Present exactly while the queues are active.
+    session: Option<Session>,
 }
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
             .field("config", &self.config)
-            .field("acked_features", &self.acked_features)
-            .field("active", &self.active.is_some())
+            .field("common", &self.common)
+            .field("mounted", &self.mounted())
             .finish()
     }
 }
@@ -211,14 +201,13 @@ impl Fs {
         config.shared_dir = dir;
         Ok(Fs {
             config,
-            avail_features: features::EVENT_IDX | features::INDIRECT_DESC,
-            acked_features: 0,
-            control: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(FsError::EventFd)?,
-            queues: Vec::new(),
-            retired: Vec::new(),
-            registered: false,
-            active: None,
+            common: VirtioCommon::new(
+                "virtio-fs",
+                &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
+                features::EVENT_IDX | features::INDIRECT_DESC,
+            )
+            .map_err(FsError::EventFd)?,
+            session: None,
         })
     }
 
@@ -234,7 +223,7 @@ impl Fs {
 
     /// Whether the guest has the share mounted (FUSE INIT seen, no DESTROY since).
     pub fn mounted(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| a.mounted)
+        self.session.as_ref().is_some_and(|s| s.mounted)
     }
 
     /// The configuration space: the tag, NUL-padded, then `num_request_queues` (le32).
@@ -254,9 +243,9 @@ impl Fs {
             cache: self.config.cache,
             xattr: self.config.xattr,
             num_request_queues: NUM_REQUEST_QUEUES,
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
-            activated: self.active.is_some(),
+            avail_features: self.common.avail_features(),
+            acked_features: self.common.acked_features(),
+            activated: self.common.is_active(),
             queues: self.queue_states(),
         }
     }
@@ -280,88 +269,51 @@ impl Fs {
             writeback: false,
             // Inodes are held as O_PATH fds, never as file handles a guest could name.
             inode_file_handles: false,
+            // When the guest caches everything, it need not open files or directories on the
+            // host at all (FUSE_NO_OPEN_SUPPORT): a small-file read is one READ instead of
+            // OPEN, READ, FLUSH and RELEASE. The passthrough allows it with this policy only.
+            no_open: c.cache == CachePolicy::Always,
+            no_opendir: c.cache == CachePolicy::Always,
             ..Default::default()
         };
         let fs = PassthroughFs::<()>::new(cfg)?;
         Ok(Server::new(ShareFs::new(fs, c.read_only)))
     }
 
-    fn kick_control(&self) {
-        if let Err(e) = self.control.write(1) {
-            log::error!("virtio-fs: cannot wake the event loop: {e}");
-        }
-    }
-
     /// Serves every available request on every queue, then interrupts the driver once if any
     /// queue it wants to hear about moved.
     pub fn process_queues(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let (Some(active), Some(session)) = (self.common.active_mut(), self.session.as_mut())
+        else {
             return;
         };
         let read_only = self.config.read_only;
         let mut notify = false;
-        for (i, dq) in self.queues.iter_mut().enumerate() {
-            let used = serve_queue(active, &mut dq.queue, read_only, i);
-            // With EVENT_IDX the driver says which used index it wants to hear about.
-            notify |= used && dq.queue.needs_notification(&active.mem).unwrap_or(true);
+        for (i, dq) in active.queues.iter_mut().enumerate() {
+            let mem = &active.mem;
+            let what = if i == 0 {
+                "virtio-fs hiprio"
+            } else {
+                "virtio-fs requests"
+            };
+            let used = serve_queue(
+                &mut dq.queue,
+                mem,
+                what,
+                || true,
+                |chain, size| Some(serve(session, mem, chain, size, read_only)),
+            );
+            notify |= needs_interrupt(&mut dq.queue, mem, used);
         }
         if notify {
-            if let Err(e) = active.interrupt.signal_used_ring() {
-                log::error!("virtio-fs: cannot signal the used ring: {e}");
-            }
+            active.signal_used_ring();
         }
     }
-}
-
-/// Serves one queue until it is empty; returns whether any chain was returned.
-fn serve_queue(
-    active: &mut Active,
-    q: &mut virtio_queue::Queue,
-    read_only: bool,
-    index: usize,
-) -> bool {
-    let mem = active.mem.clone();
-    let mut used = false;
-    let mut idle_rounds = 0;
-    loop {
-        if let Err(e) = q.disable_notification(&mem) {
-            log::warn!("virtio-fs: queue {index}: cannot disable notifications: {e}");
-            break;
-        }
-        let mut progressed = false;
-        while let Some(chain) = q.pop_descriptor_chain(&mem) {
-            progressed = true;
-            let head = chain.head_index();
-            let len = serve(active, &mem, chain, q.size(), read_only);
-            match q.add_used(&mem, head, len) {
-                Ok(()) => used = true,
-                Err(e) => log::warn!("virtio-fs: queue {index}: cannot return chain {head}: {e}"),
-            }
-        }
-        match q.enable_notification(&mem) {
-            Ok(false) => break,
-            Ok(true) => {
-                // More work arrived, or the available index is more than a queue ahead of us,
-                // which the queue refuses to pop: a second round without progress tells the two
-                // apart without spinning forever on a hostile index.
-                idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
-                if idle_rounds > 1 {
-                    log::warn!("virtio-fs: queue {index}: available index is invalid; stalled");
-                    break;
-                }
-            }
-            Err(e) => {
-                log::warn!("virtio-fs: queue {index}: cannot enable notifications: {e}");
-                break;
-            }
-        }
-    }
-    used
 }
 
 /// Serves one chain; returns the bytes written into it (the used length).
 fn serve(
-    active: &mut Active,
+    session: &mut Session,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     queue_size: u16,
@@ -391,11 +343,11 @@ fn serve(
             return 0;
         }
     };
-    let res = active.server.handle_message(reader, writer, None, None);
+    let res = session.server.handle_message(reader, writer, None, None);
     if opcode == Opcode::Init as u32 {
-        active.mounted = true;
+        session.mounted = true;
     } else if opcode == Opcode::Destroy as u32 {
-        active.mounted = false;
+        session.mounted = false;
     }
     match res {
         // A reply is at most the chain's writable length, which fits a u32.
@@ -436,90 +388,36 @@ impl VirtioDevice for Fs {
         FS_DEVICE_ID
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE]
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.config_space(), offset, data);
     }
 
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The configuration space is read-only for the driver (virtio 1.2, 5.11.4).
-        log::debug!(
-            "virtio-fs: {}-byte config write at {offset:#x} ignored",
-            data.len()
-        );
-    }
+    // write_config: the configuration space is read-only for the driver (virtio 1.2, 5.11.4);
+    // the default ignores writes.
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        mut queues: Vec<DeviceQueue>,
-    ) -> Result<(), ActivateError> {
-        let want = self.queue_max_sizes().len();
-        if queues.len() != want {
-            return Err(ActivateError::BadQueue(queues.len().min(want)));
-        }
-        if let Some(i) = queues.iter().position(|q| !q.queue.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        if self.active.is_some() {
-            self.reset();
-        }
+    fn start_backend(&mut self) -> Result<(), ActivateError> {
+        // A fresh server per activation: a driver that reset the device starts from INIT.
         let server = self
             .make_server()
             .map_err(|e| ActivateError::Device(format!("virtio-fs: FUSE server: {e}")))?;
-        let event_idx = self.acked_features & features::EVENT_IDX != 0;
-        for q in &mut queues {
-            q.queue.set_event_idx(event_idx);
-        }
-        self.queues = queues;
-        self.active = Some(Active {
-            mem,
-            interrupt,
+        self.session = Some(Session {
             server,
             mounted: false,
         });
-        self.kick_control();
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn stop_backend(&mut self) {
         // Dropping the server closes every host fd it held (inodes, open files, directories).
-        self.active = None;
-        if self.registered {
-            self.retired
-                .extend(self.queues.drain(..).map(|q: DeviceQueue| q.notify));
-            self.registered = false;
-            self.kick_control();
-        } else {
-            self.queues.clear();
-        }
-        self.acked_features = 0;
-    }
-
-    fn queue_states(&self) -> Vec<QueueSnapshot> {
-        self.queues
-            .iter()
-            .map(|q| QueueSnapshot::from(q.queue.state()))
-            .collect()
+        self.session = None;
     }
 
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
@@ -536,9 +434,7 @@ impl VirtioDevice for Fs {
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
         let saved: FsState =
             serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        if self.active.is_some() {
-            return Err(DeviceStateError::Busy("virtio-fs is activated".into()));
-        }
+        self.common.ensure_inactive()?;
         let now = self.state();
         let fits = saved.tag == now.tag
             && saved.read_only == now.read_only

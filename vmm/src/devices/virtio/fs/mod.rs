@@ -28,8 +28,6 @@ mod event_handler;
 pub mod filesystem;
 pub mod guard;
 #[cfg(test)]
-mod test_driver;
-#[cfg(test)]
 mod tests;
 
 pub use device::{CachePolicy, Fs, FsConfig, FsError, FsState};

@@ -10,18 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::test_driver::{Driver, QSIZE};
 use super::{features, CachePolicy, Fs, FsConfig, FsError, FsState, FS_DEVICE_ID, TAG_LEN};
-use crate::devices::virtio::{DeviceQueue, DeviceStateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
+use crate::devices::virtio::{DeviceStateError, VirtioDevice};
 
-const R: u16 = 0;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const N: u16 = VRING_DESC_F_NEXT as u16;
+/// Entries in each test queue.
+const QSIZE: u16 = 16;
 /// Queue layouts.
 const HIPRIO: u64 = 0;
 const REQ: u64 = 0x4000;
@@ -62,9 +61,9 @@ struct Reply {
 }
 
 struct Harness {
-    mem: &'static GuestMemoryMmap,
-    hi: Driver<'static>,
-    rq: Driver<'static>,
+    mem: GuestMemoryMmap,
+    hi: QueueDriver,
+    rq: QueueDriver,
     dev: Fs,
     irq: EventFd,
     share: tempfile::TempDir,
@@ -105,10 +104,9 @@ impl Harness {
         std::os::unix::fs::symlink(rel.join("secret"), s.join("link_rel")).unwrap();
         std::os::unix::fs::symlink("../../../../../../../../etc", s.join("dir/link_up")).unwrap();
 
-        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-        ));
-        let (hi, rq) = (Driver { mem, base: HIPRIO }, Driver { mem, base: REQ });
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let hi = QueueDriver::new(&mem, HIPRIO, QSIZE);
+        let rq = QueueDriver::new(&mem, REQ, QSIZE);
         let mut dev = Fs::new(FsConfig {
             tag: "rundfs".into(),
             shared_dir: s.to_path_buf(),
@@ -117,21 +115,7 @@ impl Harness {
             xattr: o.xattr,
         })
         .unwrap();
-        dev.set_acked_features(o.acked);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let queues = [&hi, &rq]
-            .iter()
-            .map(|d| DeviceQueue {
-                queue: d.queue(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            })
-            .collect();
-        dev.activate(
-            mem.clone(),
-            Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-            queues,
-        )
-        .unwrap();
+        let irq = activate(&mut dev, &mem, &[&hi, &rq], o.acked);
         Harness {
             mem,
             hi,
@@ -197,15 +181,7 @@ impl Harness {
 
     /// A linear chain of (addr, len, flags).
     fn run_linear(&mut self, hiprio: bool, descs: &[(u64, u32, u16)]) -> u32 {
-        let raw: Vec<_> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(a, l, f))| {
-                let last = i + 1 == descs.len();
-                (a, l, if last { f } else { f | N }, i as u16 + 1)
-            })
-            .collect();
-        self.run(hiprio, &raw)
+        self.run(hiprio, &QueueDriver::linked(descs, 0))
     }
 
     /// Sends `m` split into readable pieces of `ins` bytes (the rest in one more) and a reply
@@ -274,12 +250,18 @@ impl Harness {
     }
 
     fn init(&mut self) -> InitOut {
-        let flags = FsOptions::ASYNC_READ
-            | FsOptions::BIG_WRITES
-            | FsOptions::DO_READDIRPLUS
-            | FsOptions::MAX_PAGES
-            | FsOptions::EXPORT_SUPPORT
-            | FsOptions::WRITEBACK_CACHE;
+        self.init_with(
+            FsOptions::ASYNC_READ
+                | FsOptions::BIG_WRITES
+                | FsOptions::DO_READDIRPLUS
+                | FsOptions::MAX_PAGES
+                | FsOptions::EXPORT_SUPPORT
+                | FsOptions::WRITEBACK_CACHE,
+        )
+    }
+
+    /// INIT with the guest kernel offering `flags`.
+    fn init_with(&mut self, flags: FsOptions) -> InitOut {
         let args = obj(InitIn {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
@@ -558,6 +540,80 @@ fn fnv(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
         (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// What the guest kernel offers (Linux 6.12's virtio-fs, the options that matter here).
+fn kernel_offer() -> FsOptions {
+    FsOptions::ASYNC_READ
+        | FsOptions::BIG_WRITES
+        | FsOptions::DO_READDIRPLUS
+        | FsOptions::READDIRPLUS_AUTO
+        | FsOptions::MAX_PAGES
+        | FsOptions::PARALLEL_DIROPS
+        | FsOptions::ZERO_MESSAGE_OPEN
+        | FsOptions::ZERO_MESSAGE_OPENDIR
+}
+
+#[test]
+fn init_asks_for_large_asynchronous_requests() {
+    for read_only in [true, false] {
+        let mut h = Harness::new(Opts {
+            read_only,
+            ..Default::default()
+        });
+        let out = h.init_with(kernel_offer());
+        let got =
+            FsOptions::from_bits_truncate(u64::from(out.flags) | (u64::from(out.flags2) << 32));
+        let want = FsOptions::ASYNC_READ | FsOptions::MAX_PAGES | FsOptions::PARALLEL_DIROPS;
+        assert!(got.contains(want), "read-only={read_only}: {got:?}");
+        assert_eq!(out.max_pages, 256, "1 MiB requests");
+        assert_eq!(got.contains(FsOptions::BIG_WRITES), !read_only);
+        // Opening on the host only goes with the guest caching everything.
+        assert!(!got.intersects(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR));
+        let e = h.lookup(ROOT_ID, b"file.txt").unwrap();
+        assert!(h.open(e.nodeid, libc::O_RDONLY).is_ok());
+    }
+}
+
+#[test]
+fn with_cache_always_files_are_read_without_opening_them() {
+    let mut h = Harness::new(Opts {
+        cache: CachePolicy::Always,
+        ..Default::default()
+    });
+    let out = h.init_with(kernel_offer());
+    let got = FsOptions::from_bits_truncate(u64::from(out.flags) | (u64::from(out.flags2) << 32));
+    assert!(got.contains(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR));
+    let file = std::fs::read(h.host("file.txt")).unwrap();
+    let e = h.lookup(ROOT_ID, b"file.txt").unwrap();
+    // OPEN and FLUSH answer ENOSYS, after which the guest kernel sends neither again.
+    assert_eq!(h.open(e.nodeid, libc::O_RDONLY), Err(libc::ENOSYS));
+    let args = obj(FlushIn::default());
+    assert_eq!(h.call(Opcode::Flush, e.nodeid, &args).errno, libc::ENOSYS);
+    // READ names no handle (0): the server opens the inode read-only for it.
+    assert_eq!(h.read(e.nodeid, 0, 7, 1000).unwrap(), file[7..1007]);
+    // Directories likewise: READDIR without OPENDIR.
+    let args = obj(ReadIn {
+        size: 8192,
+        ..Default::default()
+    });
+    let names: Vec<_> = dirents(&h.ok(Opcode::Readdir, ROOT_ID, &args), false)
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert!(names.contains(&b"file.txt".to_vec()), "{names:?}");
+    // Read-only still holds without OPEN to refuse a writable open.
+    let w = obj(WriteIn {
+        size: 4,
+        ..Default::default()
+    });
+    let m = [w, b"evil".to_vec()].concat();
+    let m = h.msg(Opcode::Write, e.nodeid, &m);
+    assert_eq!(h.send_msg(&m).errno, libc::EROFS);
+    assert_eq!(std::fs::read(h.host("file.txt")).unwrap(), file);
+    // Nothing outside the share opens either: a nodeid the guest never looked up is refused.
+    assert!(h.read(e.nodeid + 1000, 0, 0, 16).is_err());
+    h.still_serves();
 }
 
 #[test]
@@ -1651,64 +1707,9 @@ mod transport {
     use super::*;
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::mmio::{reg, MmioTransport};
-    use crate::devices::virtio::{status as dev_status, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::test_utils::{bring_up, read_reg, run_until, write_reg};
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::Mutex;
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn bring_up(t: &mut MmioTransport, queues: &[&Driver]) {
-        use dev_status::*;
-        w(t, reg::STATUS, 0);
-        w(t, reg::STATUS, ACKNOWLEDGE);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
-        w(t, reg::DEVICE_FEATURES_SEL, 0);
-        let offered = r(t, reg::DEVICE_FEATURES);
-        w(t, reg::DRIVER_FEATURES_SEL, 0);
-        w(t, reg::DRIVER_FEATURES, offered);
-        w(t, reg::DRIVER_FEATURES_SEL, 1);
-        w(t, reg::DRIVER_FEATURES, (VIRTIO_F_VERSION_1 >> 32) as u32);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        for (i, d) in queues.iter().enumerate() {
-            w(t, reg::QUEUE_SEL, i as u32);
-            assert!(r(t, reg::QUEUE_NUM_MAX) >= u32::from(QSIZE));
-            w(t, reg::QUEUE_NUM, u32::from(QSIZE));
-            w(t, reg::QUEUE_DESC_LOW, d.desc() as u32);
-            w(t, reg::QUEUE_DRIVER_LOW, d.avail() as u32);
-            w(t, reg::QUEUE_DEVICE_LOW, d.used() as u32);
-            w(t, reg::QUEUE_READY, 1);
-        }
-        w(
-            t,
-            reg::STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
-        assert_eq!(t.status() & DEVICE_NEEDS_RESET, 0);
-    }
-
-    /// Runs the event loop until `done` holds, for at most two seconds.
-    fn run_until(
-        em: &mut EventManager<Arc<Mutex<Fs>>>,
-        mut done: impl FnMut() -> bool,
-        what: &str,
-    ) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            em.run_with_timeout(50).unwrap();
-        }
-    }
 
     #[test]
     fn served_through_mmio_and_the_event_loop_across_a_reset() {
@@ -1730,21 +1731,13 @@ mod transport {
         let mut t = MmioTransport::new(dev.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();
         let mut em = EventManager::<Arc<Mutex<Fs>>>::new().unwrap();
         em.add_subscriber(dev.clone());
-        assert_eq!(r(&mut t, reg::DEVICE_ID), FS_DEVICE_ID);
+        assert_eq!(read_reg(&mut t, reg::DEVICE_ID), FS_DEVICE_ID);
         let mut tag = [0u8; 8];
         t.read(reg::CONFIG, &mut tag);
         assert_eq!(&tag, b"layer0\0\0");
 
-        let (hi, rq) = (
-            Driver {
-                mem: &mem,
-                base: HIPRIO,
-            },
-            Driver {
-                mem: &mem,
-                base: REQ,
-            },
-        );
+        let hi = QueueDriver::new(&mem, HIPRIO, QSIZE);
+        let rq = QueueDriver::new(&mem, REQ, QSIZE);
         let mut unique = 0u64;
         let mut send = |op: Opcode, nodeid: u64, args: &[u8], out: u32| {
             unique += 1;
@@ -1763,7 +1756,8 @@ mod transport {
         for round in 0..2 {
             bring_up(&mut t, &[&hi, &rq]);
             // The VMM thread registers the queue notifiers.
-            run_until(&mut em, || dev.lock().unwrap().registered, "registration");
+            let registered = || dev.lock().unwrap().common.is_registered();
+            run_until(&mut em, registered, "registration");
             let mut replies = 0u16;
             let mut call = |em: &mut EventManager<_>, op, nodeid, args: &[u8], out| {
                 let u = send(op, nodeid, args, out);
@@ -1805,16 +1799,16 @@ mod transport {
             });
             let got = call(&mut em, Opcode::Read, e.nodeid, &read, 0x2_0000);
             assert_eq!(got, data[3..3 + 65_536], "round {round}");
-            assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & 1, 1);
+            assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS) & 1, 1);
             assert!(irq.read().unwrap() >= 1);
-            w(&mut t, reg::INTERRUPT_ACK, 1);
+            write_reg(&mut t, reg::INTERRUPT_ACK, 1);
             assert!(dev.lock().unwrap().mounted());
             // The driver resets the device; the VMM thread retires the notifiers, the server
             // and its host fds are gone.
-            w(&mut t, reg::STATUS, 0);
+            write_reg(&mut t, reg::STATUS, 0);
             run_until(
                 &mut em,
-                || dev.lock().unwrap().retired.is_empty(),
+                || !dev.lock().unwrap().common.has_retired(),
                 "retirement",
             );
             assert!(!dev.lock().unwrap().state().activated);

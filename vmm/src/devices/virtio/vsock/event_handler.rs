@@ -1,41 +1,15 @@
-//! Event-loop glue. The device registers its control eventfd and its private epoll set (all host
-//! sockets, the listener and the deadline timer) at start, its queue notifiers once activated,
-//! and takes them out again after a reset. Only the VMM thread can change the event loop, so
-//! activation and reset (which happen on a vCPU thread) just wake it through the control eventfd.
-
-use std::os::unix::io::AsRawFd;
+//! Event-loop glue. Besides what [`VirtioCommon`](crate::devices::virtio::VirtioCommon) registers (the control eventfd, the queue
+//! notifiers while active), the device registers its private epoll set (all host sockets, the
+//! listener and the deadline timer) at start.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::Vsock;
-
-impl Vsock {
-    /// Brings the registrations in line; returns whether the queue notifiers were just added.
-    fn sync_registrations(&mut self, ops: &mut EventOps) -> bool {
-        for fd in self.retired.drain(..) {
-            if let Err(e) = ops.remove(Events::new(&fd, EventSet::IN)) {
-                log::warn!("virtio-vsock: cannot unregister a queue notifier: {e:?}");
-            }
-        }
-        if self.active.is_some() && !self.registered {
-            for (i, q) in self.queues.iter().enumerate() {
-                let events = Events::with_data(&q.notify, i as u32, EventSet::IN);
-                if let Err(e) = ops.add(events) {
-                    log::error!("virtio-vsock: cannot register queue {i}'s notifier: {e:?}");
-                }
-            }
-            self.registered = true;
-            return true;
-        }
-        false
-    }
-}
+use crate::devices::virtio::QueueEvent;
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            log::error!("virtio-vsock: cannot register the control eventfd: {e:?}");
-        }
+        self.common.init(ops);
         let epoll = self.muxer.epoll_fd();
         if let Err(e) = ops.add(Events::new_raw(epoll, EventSet::IN)) {
             log::error!("virtio-vsock: cannot register its epoll set: {e:?}");
@@ -43,30 +17,15 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.control.as_raw_fd() {
-            // Nonblocking; a failed read only means another wake-up already drained it.
-            let _ = self.control.read();
-            if self.sync_registrations(ops) {
-                // Newly activated (or restored): serve whatever is already in the queues.
-                self.process_backend();
-            }
-            return;
-        }
-        if fd == self.muxer.epoll_fd() {
+        if events.fd() == self.muxer.epoll_fd() {
             self.process_backend();
             return;
         }
-        if let Some(q) = self.queues.iter().find(|q| q.notify.as_raw_fd() == fd) {
-            let _ = q.notify.read();
-            self.process_queues();
-            return;
+        match self.common.process(&events, ops) {
+            // Newly activated (or restored): serve whatever is already in the queues.
+            QueueEvent::Activated => self.process_backend(),
+            QueueEvent::Notified(_) => self.process_queues(),
+            QueueEvent::Handled => {}
         }
-        // A notifier a reset retired, firing before the control event removed it: drain it
-        // (the loop is level-triggered) and remove it now.
-        if let Some(r) = self.retired.iter().find(|r| r.as_raw_fd() == fd) {
-            let _ = r.read();
-        }
-        self.sync_registrations(ops);
     }
 }

@@ -32,8 +32,6 @@ pub mod muxer;
 pub mod packet;
 pub mod persist;
 #[cfg(test)]
-mod test_driver;
-#[cfg(test)]
 mod tests;
 
 pub use device::{Vsock, VsockError};

@@ -15,11 +15,11 @@ use std::io;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, ReadVolatile, WriteVolatile,
-};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, ReadVolatile, WriteVolatile};
 
 use super::{HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
+pub use crate::devices::virtio::segments::Segment;
+use crate::devices::virtio::segments::{gather, sub_stream};
 
 /// Size of `struct virtio_vsock_hdr` (packed).
 pub const HDR_SIZE: usize = 44;
@@ -162,15 +162,6 @@ impl Header {
     }
 }
 
-/// A piece of guest memory, checked to lie in guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    /// Guest address.
-    pub addr: GuestAddress,
-    /// Length in bytes (non-zero).
-    pub len: u32,
-}
-
 /// Walks a chain into checked segments of one direction (`writable`), with their total length.
 fn segments<M>(
     chain: &mut DescriptorChain<M>,
@@ -220,49 +211,6 @@ where
     Ok((segs, total))
 }
 
-/// The segments holding bytes `skip..skip + len` of the concatenation of `segs`.
-fn sub_stream(segs: &[Segment], mut skip: u64, mut len: u64) -> Vec<Segment> {
-    let mut out = Vec::new();
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        let slen = u64::from(s.len);
-        if skip >= slen {
-            skip -= slen;
-            continue;
-        }
-        let take = (slen - skip).min(len);
-        // Both bounded by the segment's u32 length; the address was checked with it.
-        out.push(Segment {
-            addr: s.addr.unchecked_add(skip),
-            len: take as u32,
-        });
-        len -= take;
-        skip = 0;
-    }
-    out
-}
-
-/// Reads the first `buf.len()` bytes of the concatenation of `segs`.
-fn gather(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut [u8]) -> Result<(), PacketError> {
-    let mut at = 0;
-    for s in segs {
-        if at == buf.len() {
-            break;
-        }
-        let n = (s.len as usize).min(buf.len() - at);
-        mem.read_slice(&mut buf[at..at + n], s.addr)
-            .map_err(|_| PacketError::Memory)?;
-        at += n;
-    }
-    if at == buf.len() {
-        Ok(())
-    } else {
-        Err(PacketError::Memory)
-    }
-}
-
 /// A packet from the guest's TX queue: its header and where its payload lies.
 #[derive(Debug)]
 pub struct TxPacket {
@@ -289,7 +237,9 @@ impl TxPacket {
             return Err(PacketError::ShortHeader(total));
         }
         let mut raw = [0u8; HDR_SIZE];
-        gather(mem, &segs, &mut raw)?;
+        if !gather(mem, &segs, &mut raw) {
+            return Err(PacketError::Memory);
+        }
         let hdr = Header::from_bytes(&raw);
         if hdr.len > MAX_PKT_DATA {
             return Err(PacketError::TooLarge(hdr.len));
@@ -479,38 +429,5 @@ mod tests {
         assert_eq!(b[8], 2);
         assert_eq!(&b[28..32], &[1, 0, 5, 0]);
         assert_eq!(Header::from_bytes(&b), h);
-    }
-
-    #[test]
-    fn sub_stream_splits_at_any_boundary() {
-        let segs = [
-            Segment {
-                addr: GuestAddress(100),
-                len: 10,
-            },
-            Segment {
-                addr: GuestAddress(200),
-                len: 5,
-            },
-            Segment {
-                addr: GuestAddress(300),
-                len: 20,
-            },
-        ];
-        let s = sub_stream(&segs, 12, 10);
-        assert_eq!(
-            s,
-            vec![
-                Segment {
-                    addr: GuestAddress(202),
-                    len: 3
-                },
-                Segment {
-                    addr: GuestAddress(300),
-                    len: 7
-                }
-            ]
-        );
-        assert!(sub_stream(&segs, 35, 5).is_empty());
     }
 }

@@ -9,21 +9,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{MuxerError, Timeouts};
 use super::packet::{Header, HDR_SIZE};
-use super::test_driver::{Driver, QSIZE};
 use super::*;
-use crate::devices::virtio::{DeviceQueue, DeviceStateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
+use crate::devices::virtio::{DeviceStateError, VirtioDevice};
 
 pub(super) const CID: u64 = 42;
-const R: u16 = 0;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const N: u16 = VRING_DESC_F_NEXT as u16;
+/// Entries in each test queue.
+const QSIZE: u16 = 64;
 const MEM_SIZE: u64 = 0x100_0000;
 const RX_BUFS: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x1_1000;
@@ -57,9 +56,9 @@ pub(super) struct Guest {
     pub mem: GuestMemoryMmap,
     pub dev: Vsock,
     pub irq: EventFd,
-    pub rxq: Driver,
-    pub txq: Driver,
-    pub evq: Driver,
+    pub rxq: QueueDriver,
+    pub txq: QueueDriver,
+    pub evq: QueueDriver,
     _dir: tempfile::TempDir,
     pub path: PathBuf,
     rx_seen: u16,
@@ -68,7 +67,6 @@ pub(super) struct Guest {
     pub rx_size: u32,
     /// RX buffers as two descriptors, the first `Some(n)` bytes long.
     pub rx_split: Option<u32>,
-    tx_desc: u16,
     tx_slot: u64,
     ev_seen: u16,
     /// Packets received and not yet taken.
@@ -117,26 +115,9 @@ impl Guest {
             close: Duration::from_millis(300),
             tick: Duration::from_millis(20),
         });
-        dev.set_acked_features(acked);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let d = |base| Driver {
-            mem: mem.clone(),
-            base,
-        };
+        let d = |base| QueueDriver::new(&mem, base, QSIZE);
         let (rxq, txq, evq) = (d(0), d(0x1_0000), d(0x2_0000));
-        let queues = [&rxq, &txq, &evq]
-            .iter()
-            .map(|q| DeviceQueue {
-                queue: q.queue(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            })
-            .collect();
-        dev.activate(
-            mem.clone(),
-            Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-            queues,
-        )
-        .unwrap();
+        let irq = activate(&mut dev, &mem, &[&rxq, &txq, &evq], acked);
         let epoll = Epoll::new().unwrap();
         epoll
             .ctl(
@@ -158,7 +139,6 @@ impl Guest {
             rx_free: (0..RX_SLOTS).rev().collect(),
             rx_size: 4096,
             rx_split: None,
-            tx_desc: 0,
             tx_slot: 0,
             ev_seen: 0,
             inbox: Vec::new(),
@@ -237,20 +217,9 @@ impl Guest {
         self.send_split(h, data, &[HDR_SIZE as u32]);
     }
 
-    /// Pushes a raw TX chain (addr, len, flags); NEXT links are added.
+    /// Pushes a TX chain of (addr, len, flags), linked with NEXT.
     pub fn push_tx(&mut self, descs: &[(u64, u32, u16)]) {
-        let n = descs.len() as u16;
-        if self.tx_desc + n > QSIZE {
-            self.tx_desc = 0;
-        }
-        let at = self.tx_desc;
-        let raw: Vec<_> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(a, l, f))| (a, l, f, at + i as u16 + 1))
-            .collect();
-        self.tx_desc += n;
-        self.txq.push(&raw, at);
+        self.txq.add_chain(descs);
         // The device consumes every TX chain in one pass.
         self.dev.process_queues();
         assert_eq!(self.txq.used_idx(), self.txq.avail_idx(), "TX drained");
@@ -1315,48 +1284,10 @@ mod transport_tests {
     use super::*;
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::mmio::{reg, MmioTransport};
-    use crate::devices::virtio::{status as dev_status, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::test_utils::{bring_up, read_reg};
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn bring_up(t: &mut MmioTransport, qs: &[&Driver]) {
-        use dev_status::*;
-        w(t, reg::STATUS, 0);
-        w(t, reg::STATUS, ACKNOWLEDGE);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
-        w(t, reg::DEVICE_FEATURES_SEL, 0);
-        let offered = r(t, reg::DEVICE_FEATURES);
-        w(t, reg::DRIVER_FEATURES_SEL, 0);
-        w(t, reg::DRIVER_FEATURES, offered);
-        w(t, reg::DRIVER_FEATURES_SEL, 1);
-        w(t, reg::DRIVER_FEATURES, (VIRTIO_F_VERSION_1 >> 32) as u32);
-        w(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        for (i, q) in qs.iter().enumerate() {
-            w(t, reg::QUEUE_SEL, i as u32);
-            w(t, reg::QUEUE_NUM, u32::from(QSIZE));
-            w(t, reg::QUEUE_DESC_LOW, q.desc() as u32);
-            w(t, reg::QUEUE_DRIVER_LOW, q.avail() as u32);
-            w(t, reg::QUEUE_DEVICE_LOW, q.used() as u32);
-            w(t, reg::QUEUE_READY, 1);
-        }
-        w(
-            t,
-            reg::STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
-        assert_eq!(t.status() & DEVICE_NEEDS_RESET, 0);
-    }
 
     /// The VMM thread: an event loop over the device until `stop`.
     fn vmm_thread(dev: Arc<Mutex<Vsock>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
@@ -1372,8 +1303,8 @@ mod transport_tests {
     /// The guest driver over shared memory, kicking through the transport's notifiers.
     struct Drv {
         mem: GuestMemoryMmap,
-        rxq: Driver,
-        txq: Driver,
+        rxq: QueueDriver,
+        txq: QueueDriver,
         kicks: Vec<EventFd>,
         irq: EventFd,
         irq_epoll: Epoll,
@@ -1457,15 +1388,12 @@ mod transport_tests {
         let dev = Arc::new(Mutex::new(Vsock::new(CID, &path).unwrap()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(dev.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();
-        assert_eq!(r(&mut t, reg::DEVICE_ID), VSOCK_DEVICE_ID);
+        assert_eq!(read_reg(&mut t, reg::DEVICE_ID), VSOCK_DEVICE_ID);
         let mut cid = [0u8; 8];
         t.read(reg::CONFIG, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), CID);
 
-        let d = |base| Driver {
-            mem: mem.clone(),
-            base,
-        };
+        let d = |base| QueueDriver::new(&mem, base, QSIZE);
         let (rxq, txq, evq) = (d(0), d(0x1_0000), d(0x2_0000));
         bring_up(&mut t, &[&rxq, &txq, &evq]);
         let stop = Arc::new(AtomicBool::new(false));
