@@ -354,6 +354,26 @@ impl Agent {
         .await
     }
 
+    /// ReadStdout or ReadStderr: the next chunk of that stream, `eof` at its end.
+    async fn read_stream(
+        &self,
+        req: ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.process(&req.container_id, &req.exec_id)?;
+        let len = Agent::io_len(req.len);
+        let data = if stderr {
+            process.stdio.read_stderr(len).await
+        } else {
+            process.stdio.read_stdout(len).await
+        }
+        .map_err(RpcError::from)?;
+        let mut resp = ReadStreamResponse::new();
+        resp.eof = data.is_empty();
+        resp.data = data;
+        Ok(resp)
+    }
+
     fn io_len(len: u32) -> usize {
         match len as usize {
             0 => MAX_IO_CHUNK,
@@ -555,16 +575,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        let process = self.process(&req.container_id, &req.exec_id)?;
-        let data = process
-            .stdio
-            .read_stdout(Agent::io_len(req.len))
-            .await
-            .map_err(RpcError::from)?;
-        let mut resp = ReadStreamResponse::new();
-        resp.eof = data.is_empty();
-        resp.data = data;
-        Ok(resp)
+        Agent::read_stream(self, req, false).await
     }
 
     async fn read_stderr(
@@ -572,16 +583,7 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        let process = self.process(&req.container_id, &req.exec_id)?;
-        let data = process
-            .stdio
-            .read_stderr(Agent::io_len(req.len))
-            .await
-            .map_err(RpcError::from)?;
-        let mut resp = ReadStreamResponse::new();
-        resp.eof = data.is_empty();
-        resp.data = data;
-        Ok(resp)
+        Agent::read_stream(self, req, true).await
     }
 
     async fn write_stdin(

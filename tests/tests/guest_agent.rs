@@ -23,7 +23,6 @@ use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{SerialOutput, Vm, VmConfig};
 
-const BUSYBOX: &str = "/bin/busybox";
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn agent_initramfs(test: &str) -> Option<PathBuf> {
@@ -45,21 +44,6 @@ fn agent_initramfs(test: &str) -> Option<PathBuf> {
 fn sh(cmd: &str) {
     let st = Command::new("sh").arg("-ec").arg(cmd).status().unwrap();
     assert!(st.success(), "host command failed: {cmd}");
-}
-
-/// The image layer: busybox with its applets, as an unpacked image layer would be.
-fn busybox_layer(dir: &Path) {
-    let root = dir.join("layers/busybox");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -105,7 +89,8 @@ async fn echo_hello_through_the_agent_over_vsock() {
     };
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
-    busybox_layer(&share);
+    // The image layer, as the e2e tests' busybox image has it.
+    rund_tests::containerd::image::image_root(&share.join("layers/busybox")).unwrap();
     let image = dir.path().join("rw.img");
     sh(&format!(
         "truncate -s 64M {0} && mke2fs -q -t ext4 -F {0}",

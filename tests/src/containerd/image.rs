@@ -75,7 +75,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), ImageError> {
 
 /// Writes the image root under `root`: busybox and its applets in /bin, the directories a
 /// container needs, root's passwd and group entries and [`IMAGE_FILE`].
-fn image_root(root: &Path) -> Result<(), ImageError> {
+pub fn image_root(root: &Path) -> Result<(), ImageError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ImageError::Root { path, source }
