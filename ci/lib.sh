@@ -10,11 +10,30 @@ in_guest_capable_kvm() {
     repo=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
     case "$repo" in /tmp/* | /run/*) share=(--share "$repo") ;; esac
     read -ra extra <<<"${TESTBED_EXTRA_ARGS:-}"
-    if ci/testbed needed 2>/dev/null; then
-        ci/testbed run "${share[@]}" "${extra[@]}" --timeout "${TESTBED_TIMEOUT:-2400}" -- "$@"
-    else
+    if ! ci/testbed needed 2>/dev/null; then
         "$@"
+        return
     fi
+    # The outer VM's kernel (nested SVM emulated by TCG) has now and then panicked (a kernel stack
+    # overflow in its interrupt path, under KVM_RUN) or frozen (the testbed's watchdog kills it) in
+    # the middle of a run, which says nothing of the command. Such a run is repeated once, and says
+    # so; a second one fails.
+    local console rc attempt
+    console=$(mktemp -t rund-testbed-console.XXXXXX)
+    for attempt in 1 2; do
+        rc=0
+        ci/testbed run "${share[@]}" "${extra[@]}" --console-log "$console" \
+            --timeout "${TESTBED_TIMEOUT:-2400}" -- "$@" || rc=$?
+        if ((rc == 125 && attempt == 1)) && grep -qE 'Kernel panic|testbed-watchdog:' "$console"; then
+            # The oops' first lines (the tail printed above is mostly its register dump).
+            grep -m1 -A24 -E 'BUG:|Oops:|double fault|stack guard' "$console" | sed 's/^/  oops: /' >&2 || true
+            echo "ci: the testbed's outer VM panicked or froze (above): running '$*' once more" >&2
+            continue
+        fi
+        break
+    done
+    rm -f "$console"
+    return "$rc"
 }
 
 # Paths of the executables cargo builds for `cargo "$@" --no-run` (e.g. `test -p x --test y`,

@@ -85,6 +85,7 @@ fn ctr_run_true(cd: &Containerd, args: &Args) -> Result<Samples, String> {
                 ])
                 .map_err(|e| e.to_string())?;
             let took = start.elapsed();
+            eprintln!("  (a) round {i} {rt}: {:.2} s", took.as_secs_f64());
             if !out.success() {
                 return Err(format!(
                     "{rt}: ctr run exited {:?}: {}",
@@ -117,6 +118,7 @@ async fn run_pod_sandbox(cd: &Containerd, args: &Args) -> Result<Samples, String
                 .await
                 .map_err(|e| format!("{rt}: {e}"))?;
             let took = start.elapsed();
+            eprintln!("  (b) round {i} {rt}: {:.2} s", took.as_secs_f64());
             cri.stop_pod_sandbox(&id)
                 .await
                 .map_err(|e| format!("{rt}: {e}"))?;

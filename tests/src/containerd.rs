@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use config::{ContainerdConfig, RundConfig};
+use config::{ContainerdConfig, RundConfig, BTRFS_SNAPSHOTTER};
 pub use image::{BUSYBOX_IMAGE, IMAGE_FILE, IMAGE_FILE_CONTENT, PAUSE_IMAGE};
 
 /// The namespace `ctr` uses by default.
@@ -56,6 +56,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 pub const CLEAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long containerd may take to answer after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The btrfs image under the btrfs snapshotter (sparse; mkfs.btrfs wants more than 114 MiB).
+const BTRFS_IMAGE_BYTES: u64 = 512 << 20;
 /// Commands the harness runs.
 const TOOLS: &[&str] = &[
     "containerd",
@@ -271,8 +273,16 @@ pub fn missing_prerequisites(runtimes: &[Runtime]) -> Vec<String> {
 /// printing why the test is skipped. Panics where the skip is not allowed ([`REQUIRE_ENV`]),
 /// and when the harness itself fails.
 pub fn start_for_test(test: &str) -> Option<Containerd> {
+    start_for_test_with(test, Options::default())
+}
+
+/// [`start_for_test`] with `options`.
+pub fn start_for_test_with(test: &str, options: Options) -> Option<Containerd> {
     let runtimes = runtimes_under_test().unwrap_or_else(|e| panic!("{test}: {e}"));
-    let missing = missing_prerequisites(&runtimes);
+    let mut missing = missing_prerequisites(&runtimes);
+    if options.btrfs_snapshotter && !on_path("mkfs.btrfs") {
+        missing.push("mkfs.btrfs is not installed (apt-get install btrfs-progs)".into());
+    }
     if !missing.is_empty() {
         let why = missing.join("; ");
         if e2e_required() {
@@ -281,7 +291,7 @@ pub fn start_for_test(test: &str) -> Option<Containerd> {
         eprintln!("skipping {test}: {why}");
         return None;
     }
-    match Containerd::start(&runtimes) {
+    match Containerd::start_with(&runtimes, options) {
         Ok(c) => Some(c),
         Err(e) => panic!("{test}: cannot start the private containerd: {e}"),
     }
@@ -455,6 +465,14 @@ pub struct RundSetup {
     pub config: RundConfig,
 }
 
+/// How a private containerd is started, besides its runtimes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// The btrfs snapshotter on, its root a loop-mounted btrfs image in the harness's directory
+    /// (its rootfs mounts have type `btrfs`).
+    pub btrfs_snapshotter: bool,
+}
+
 /// A private containerd and everything it was given.
 pub struct Containerd {
     dir: Option<tempfile::TempDir>,
@@ -476,6 +494,14 @@ impl Containerd {
     /// Makes the directory, builds the images, starts containerd, waits until it answers and
     /// imports the images into both namespaces.
     pub fn start(runtimes: &[Runtime]) -> Result<Containerd, ContainerdError> {
+        Containerd::start_with(runtimes, Options::default())
+    }
+
+    /// [`Containerd::start`] with `options`.
+    pub fn start_with(
+        runtimes: &[Runtime],
+        options: Options,
+    ) -> Result<Containerd, ContainerdError> {
         let base = base_dir();
         let dir = tempfile::Builder::new()
             .prefix("rund-e2e-")
@@ -495,6 +521,7 @@ impl Containerd {
                 cni_bin_dir: path.join("cni/bin"),
                 runc_root: path.join("runc"),
                 sandbox_image: PAUSE_IMAGE.into(),
+                btrfs_snapshotter: options.btrfs_snapshotter,
             },
             dir: Some(dir),
             log_path: path.join("containerd.log"),
@@ -544,6 +571,9 @@ impl Containerd {
         if runtimes.contains(&Runtime::Rund) {
             cd.rund = Some(cd.prepare_rund()?);
         }
+        if options.btrfs_snapshotter {
+            cd.mount_btrfs_snapshotter_root()?;
+        }
         let config_path = cd.path.join("config.toml");
         std::fs::write(&config_path, cd.config.render())
             .map_err(io_error(format!("writing {}", config_path.display())))?;
@@ -570,6 +600,47 @@ impl Containerd {
             started.elapsed().as_secs_f64()
         );
         Ok(cd)
+    }
+
+    /// Where the btrfs snapshotter keeps its subvolumes; a mount point when it is on.
+    fn btrfs_snapshotter_root(&self) -> Option<PathBuf> {
+        self.config
+            .btrfs_snapshotter
+            .then(|| self.config.root.join(BTRFS_SNAPSHOTTER))
+    }
+
+    /// Formats a sparse btrfs image and loop-mounts it where the btrfs snapshotter wants its
+    /// root: the plugin only loads on btrfs. `mount -o loop` frees the loop device at unmount.
+    fn mount_btrfs_snapshotter_root(&self) -> Result<(), ContainerdError> {
+        let Some(target) = self.btrfs_snapshotter_root() else {
+            return Ok(());
+        };
+        let image = self.path.join("btrfs.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(BTRFS_IMAGE_BYTES))
+            .map_err(io_error(format!("making {}", image.display())))?;
+        std::fs::create_dir_all(&target)
+            .map_err(io_error(format!("mkdir {}", target.display())))?;
+        // Where btrfs is a module, mount(8) alone may not load it.
+        let _ = run_command(
+            Command::new("modprobe").args(["-q", "btrfs"]),
+            Duration::from_secs(30),
+        );
+        let mut mkfs = Command::new("mkfs.btrfs");
+        mkfs.arg("-q").arg(&image);
+        let mut mount = Command::new("mount");
+        mount.args(["-o", "loop"]).arg(&image).arg(&target);
+        for cmd in [&mut mkfs, &mut mount] {
+            let out = run_command(cmd, Duration::from_secs(60))?;
+            if !out.success() {
+                return Err(ContainerdError::Failed {
+                    command: describe(cmd),
+                    code: out.code,
+                    stderr: out.stderr,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Puts the shim under test on containerd's PATH and writes rund's configuration.
@@ -809,6 +880,9 @@ impl Containerd {
         for d in [&self.config.root, &self.config.state] {
             mounts.extend(host::mount_points_under(d).map_err(io_error("reading mountinfo"))?);
         }
+        // The harness's own mount, there for containerd's lifetime.
+        let btrfs_root = self.btrfs_snapshotter_root();
+        mounts.retain(|m| Some(m) != btrfs_root.as_ref());
         let rund_state = match &self.rund {
             Some(r) => std::fs::read_dir(&r.config.run_dir)
                 .map_err(io_error(format!("listing {}", r.config.run_dir.display())))?

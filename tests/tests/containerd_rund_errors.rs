@@ -1,9 +1,15 @@
 //! Bad input that only rund can meet, through containerd: a microVM too small, a missing guest
-//! kernel, a spec mount of a type the guest cannot take. Each time a clear error reaches `ctr`,
-//! and nothing is left behind (the harness checks tasks, shims, mounts and rund's state). Needs
-//! what tests/tests/containerd_ctr.rs needs; `RUND_REQUIRE_E2E_TESTS=1` makes a skip a failure.
+//! kernel, a guest that stops before its agent answers (a junk initramfs), a spec mount of a type
+//! the guest cannot take, a rootfs of a type rund cannot split (the btrfs snapshotter's). Each
+//! time a clear error reaches `ctr`, and nothing is left behind (the harness checks tasks, shims,
+//! mounts and rund's state). Needs what tests/tests/containerd_ctr.rs needs;
+//! `RUND_REQUIRE_E2E_TESTS=1` makes a skip a failure.
 
-use rund_tests::containerd::{start_for_test, Containerd, Runtime, BUSYBOX_IMAGE, CTR_NAMESPACE};
+use std::path::Path;
+
+use rund_tests::containerd::{
+    start_for_test_with, Containerd, Options, Runtime, BUSYBOX_IMAGE, CTR_NAMESPACE,
+};
 
 /// `ctr run --rm` with rund; returns (success, stderr).
 fn run_rund(cd: &Containerd, id: &str, extra: &[&str], cmd: &[&str]) -> (bool, String) {
@@ -17,8 +23,32 @@ fn run_rund(cd: &Containerd, id: &str, extra: &[&str], cmd: &[&str]) -> (bool, S
     (out.success(), out.stderr)
 }
 
-fn start(test: &str) -> Option<Containerd> {
-    let cd = start_for_test(test)?;
+/// Runs a `true` container with rund's configuration naming `file` instead of `configured` for
+/// `key` (the shim reads its configuration at each start), then restores it; the start must fail:
+/// returns its error, the container deleted.
+fn run_with_guest_file(
+    cd: &Containerd,
+    scenario: &str,
+    key: &str,
+    configured: &Path,
+    file: &Path,
+) -> String {
+    let setup = cd.rund().expect("rund's setup");
+    let good = std::fs::read_to_string(&setup.config_path).unwrap();
+    let line = |p: &Path| format!("{key} = {:?}", p.to_string_lossy());
+    let bad = good.replace(&line(configured), &line(file));
+    assert_ne!(bad, good, "{scenario}: no {key} line in {good}");
+    std::fs::write(&setup.config_path, bad).unwrap();
+    let id = cd.unique_id(scenario, Runtime::Rund);
+    let (ok, err) = run_rund(cd, &id, &[], &["true"]);
+    std::fs::write(&setup.config_path, good).unwrap();
+    assert!(!ok, "{scenario}: started with {key} {}", file.display());
+    let _ = cd.ctr(&["container", "delete", &id]);
+    err
+}
+
+fn start(test: &str, options: Options) -> Option<Containerd> {
+    let cd = start_for_test_with(test, options)?;
     if !cd.runtimes().contains(&Runtime::Rund) {
         eprintln!("skipping {test}: rund is not among the runtimes under test");
         return None;
@@ -29,7 +59,7 @@ fn start(test: &str) -> Option<Containerd> {
 #[test]
 fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     let test = "bad_input_gets_a_clear_error_and_leaves_nothing";
-    let Some(cd) = start(test) else {
+    let Some(cd) = start(test, Options::default()) else {
         return;
     };
     let clean = |what: &str| {
@@ -73,29 +103,78 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     clean("unsupported mount type");
 
     // The configured guest kernel is missing (the shim reads its configuration at each start).
-    let setup = cd.rund().expect("rund's setup");
-    let good = std::fs::read_to_string(&setup.config_path).unwrap();
     let missing = cd.dir().join("no-such-vmlinux");
-    let bad = good.replace(
-        &format!("kernel = {:?}", setup.config.kernel.to_string_lossy()),
-        &format!("kernel = {:?}", missing.to_string_lossy()),
-    );
-    assert_ne!(bad, good, "{test}: the kernel line was not found in {good}");
-    std::fs::write(&setup.config_path, bad).unwrap();
-    let id = cd.unique_id("nokernel", Runtime::Rund);
-    let (ok, err) = run_rund(&cd, &id, &[], &["true"]);
-    std::fs::write(&setup.config_path, good).unwrap();
-    assert!(!ok, "{test}: started without a kernel");
+    let setup = cd.rund().expect("rund's setup");
+    let err = run_with_guest_file(&cd, "nokernel", "kernel", &setup.config.kernel, &missing);
     assert!(
         err.contains("guest kernel") && err.contains(missing.to_str().unwrap()),
         "{test}: {err}"
     );
-    let _ = cd.ctr(&["container", "delete", &id]);
     clean("missing kernel");
+
+    // An initramfs that is not one: the guest kernel panics, and the shim says so at once, with
+    // the console's end, instead of waiting out the agent's timeout.
+    let junk = cd.dir().join("junk-initramfs");
+    std::fs::write(&junk, vec![0x5au8; 64 * 1024]).unwrap();
+    let err = run_with_guest_file(
+        &cd,
+        "junkinitrd",
+        "initramfs",
+        &setup.config.initramfs,
+        &junk,
+    );
+    assert!(
+        err.contains("the guest stopped before its agent answered") && err.contains("Kernel panic"),
+        "{test}: {err}"
+    );
+    clean("junk initramfs");
 
     // And a good container still runs afterwards.
     let id = cd.unique_id("after", Runtime::Rund);
     let (ok, err) = run_rund(&cd, &id, &[], &["echo", "still-fine"]);
     assert!(ok, "{test}: {err}");
     clean("a good container");
+}
+
+#[test]
+fn rootfs_of_an_unsupported_type_gets_a_clear_error_and_leaves_nothing() {
+    let test = "rootfs_of_an_unsupported_type_gets_a_clear_error_and_leaves_nothing";
+    let options = Options {
+        btrfs_snapshotter: true,
+    };
+    let Some(cd) = start(test, options) else {
+        return;
+    };
+    // The snapshotter works: runc runs from its subvolume.
+    let id = cd.unique_id("btrfs", Runtime::Runc);
+    let out = cd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "btrfs",
+            BUSYBOX_IMAGE,
+            &id,
+            "echo",
+            "on-btrfs",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.success() && out.stdout.contains("on-btrfs"),
+        "{test}: runc on btrfs: {out:?}"
+    );
+    cd.wait_until_clean(CTR_NAMESPACE)
+        .unwrap_or_else(|e| panic!("{test}: runc on btrfs: {e}"));
+
+    // rund splits overlay and bind rootfs mounts only: a btrfs subvolume is refused by name.
+    let id = cd.unique_id("btrfs", Runtime::Rund);
+    let (ok, err) = run_rund(&cd, &id, &["--snapshotter", "btrfs"], &["true"]);
+    assert!(!ok, "{test}: a btrfs rootfs was accepted");
+    assert!(
+        err.contains("\"btrfs\" is not supported") && err.contains("overlay or bind"),
+        "{test}: {err}"
+    );
+    let _ = cd.ctr(&["container", "delete", &id]);
+    cd.wait_until_clean(CTR_NAMESPACE)
+        .unwrap_or_else(|e| panic!("{test}: after the btrfs rootfs: {e}"));
 }

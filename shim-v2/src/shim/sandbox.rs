@@ -19,6 +19,7 @@ use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{error_chain, SerialOutput, Vm, VmConfig, VmHandle};
 
+use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
 use super::record::SandboxRecord;
 use super::sizing::{vm_size, VmSize};
@@ -64,8 +65,10 @@ pub enum SandboxError {
     Device(String),
     #[error("starting the microVM: {0}")]
     Vm(String),
-    #[error("the agent did not answer within {0:?} of the VM's start{1}")]
-    AgentTimeout(Duration, String),
+    #[error("the agent did not answer within {timeout:?} of the VM's start{}", console_tail(.console))]
+    AgentTimeout { timeout: Duration, console: String },
+    #[error("the guest stopped before its agent answered ({exit}){}", console_tail(.console))]
+    GuestStopped { exit: String, console: String },
     #[error("the agent refused {op}: {}", agent_message(.source))]
     Agent {
         op: &'static str,
@@ -150,6 +153,7 @@ pub struct Sandbox {
     agent: Arc<AgentClient>,
     held: Mutex<Held>,
     size: VmSize,
+    console: ConsoleTail,
 }
 
 fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -188,9 +192,19 @@ fn dictated_parent(spec: &Spec, is_cri_sandbox: bool) -> Option<String> {
     Some(path.to_string_lossy().into_owned())
 }
 
+/// How an error quotes the guest console's last lines.
+fn console_tail(lines: &str) -> String {
+    if lines.is_empty() {
+        "; the guest console is empty".to_owned()
+    } else {
+        format!("; the guest console ends with:\n{lines}")
+    }
+}
+
 fn vm_config(
     config: &Config,
     dir: &Path,
+    console: &ConsoleTail,
     rootfs: &SandboxRootfs,
     size: VmSize,
 ) -> Result<VmConfig, SandboxError> {
@@ -202,10 +216,14 @@ fn vm_config(
         .to_owned();
     vm.vcpus = size.vcpus;
     vm.mem_mib = size.memory_mib;
-    vm.serial = match config.log_level {
-        LogLevel::Debug | LogLevel::Trace => SerialOutput::File(dir.join("console.log")),
-        _ => SerialOutput::Sink,
+    let console_log = dir.join("console.log");
+    let file = match config.log_level {
+        LogLevel::Debug | LogLevel::Trace => Some(console_log.as_path()),
+        _ => None,
     };
+    vm.serial = SerialOutput::Writer(Box::new(console.writer(file).map_err(|e| {
+        SandboxError::Device(format!("the console log {}: {e}", console_log.display()))
+    })?));
     let share = |tag: &str, shared_dir: &Path, read_only: bool| {
         Fs::new(FsConfig {
             tag: tag.into(),
@@ -242,10 +260,16 @@ fn vm_config(
     Ok(vm)
 }
 
+/// Lines of the console an error quotes.
+const CONSOLE_LINES: usize = 20;
+
+/// Connects to the agent once it answers `Check`; fails at `timeout`, or as soon as the guest
+/// has stopped, quoting the console's end either way.
 async fn connect_agent(
     socket: &Path,
     timeout: Duration,
-    dir: &Path,
+    vm: &VmHandle,
+    console: &ConsoleTail,
 ) -> Result<AgentClient, SandboxError> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -259,15 +283,17 @@ async fn connect_agent(
                 return Ok(c);
             }
         }
+        if let Some(exit) = vm.exit_reason() {
+            return Err(SandboxError::GuestStopped {
+                exit: exit.to_string(),
+                console: console.last_lines(CONSOLE_LINES),
+            });
+        }
         if Instant::now() >= deadline {
-            let console = std::fs::read_to_string(dir.join("console.log"))
-                .map(|c| {
-                    let tail: Vec<&str> = c.lines().rev().take(20).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
-                    format!("; the guest console ends with:\n{}", tail.join("\n"))
-                })
-                .unwrap_or_default();
-            return Err(SandboxError::AgentTimeout(timeout, console));
+            return Err(SandboxError::AgentTimeout {
+                timeout,
+                console: console.last_lines(CONSOLE_LINES),
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -290,7 +316,9 @@ impl Sandbox {
             rootfs: None,
             vm: None,
         };
-        match Self::bring_up(&config, id, spec, is_cri_sandbox, &dir, &mut held).await {
+        let console = ConsoleTail::new();
+        let up = Self::bring_up(&config, id, spec, is_cri_sandbox, &dir, &console, &mut held);
+        match up.await {
             Ok((agent, size, split)) => Ok((
                 Sandbox {
                     id: id.to_owned(),
@@ -298,6 +326,7 @@ impl Sandbox {
                     agent: Arc::new(agent),
                     held: Mutex::new(held),
                     size,
+                    console,
                 },
                 split,
             )),
@@ -315,6 +344,7 @@ impl Sandbox {
         spec: &Spec,
         is_cri_sandbox: bool,
         dir: &Path,
+        console: &ConsoleTail,
         held: &mut Held,
     ) -> Result<(AgentClient, VmSize, StartSplit), SandboxError> {
         let mut split = StartSplit::default();
@@ -353,7 +383,7 @@ impl Sandbox {
         split.rootfs = t.elapsed();
 
         let t = Instant::now();
-        let vm = vm_config(config, dir, &rootfs, size);
+        let vm = vm_config(config, dir, console, &rootfs, size);
         held.rootfs = Some(rootfs);
         let vm = vm?;
         let handle = blocking(move || {
@@ -367,7 +397,11 @@ impl Sandbox {
 
         let t = Instant::now();
         let timeout = Duration::from_secs(config.guest.agent_timeout_secs);
-        let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, dir).await?;
+        let vm = held
+            .vm
+            .as_ref()
+            .ok_or_else(|| SandboxError::Vm("the microVM is gone".into()))?;
+        let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, vm, console).await?;
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_owned();
         req.hostname = spec.hostname().clone().unwrap_or_default();
@@ -407,6 +441,20 @@ impl Sandbox {
             }
         })
         .await;
+    }
+
+    /// The guest's state for a log line when the agent's connection breaks: whether the VM still
+    /// runs or how it ended, and the console's end.
+    pub fn guest_report(&self) -> String {
+        let exit = self.lock_held().vm.as_ref().and_then(|vm| vm.exit_reason());
+        let state = match exit {
+            Some(exit) => format!("the microVM stopped ({exit})"),
+            None => "the microVM runs".to_owned(),
+        };
+        format!(
+            "{state}{}",
+            console_tail(&self.console.last_lines(CONSOLE_LINES))
+        )
     }
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {

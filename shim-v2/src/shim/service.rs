@@ -40,6 +40,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::process::{Process, ProcessStatus};
 use super::sandbox::Sandbox;
+use super::spec::guest_spec;
 use super::stdio::{StdioPaths, StdioPumps};
 use crate::config::Config;
 
@@ -172,11 +173,12 @@ impl TaskService {
     /// Watches `process` to its end: its status from the agent, its output drained, then the
     /// exit recorded and published.
     fn watch_exit(&self, process: Arc<Process>, mut pumps: StdioPumps) {
-        let agent = self.agent();
+        let sandbox = self.sandbox();
         let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
         tokio::spawn(async move {
-            let status = match agent {
-                Ok(agent) => {
+            let status = match sandbox {
+                Ok(sandbox) => {
+                    let agent = sandbox.agent();
                     let mut req = ProcessRequest::new();
                     req.container_id = process.container_id.clone();
                     req.exec_id = process.exec_id.clone();
@@ -186,7 +188,11 @@ impl TaskService {
                     {
                         Ok(r) => u32::try_from(r.status).unwrap_or(LOST_STATUS),
                         Err(e) => {
-                            warn!("waiting for {}: {e}", process.event_id());
+                            warn!(
+                                "waiting for {}: {e}; {}",
+                                process.event_id(),
+                                sandbox.guest_report()
+                            );
                             LOST_STATUS
                         }
                     }
@@ -270,6 +276,17 @@ impl TaskService {
                 options: m.options.clone(),
             })
             .collect();
+        // What can never run is refused before a VM is booted for it: the same checks as the
+        // container's creation below, with no volume shared yet.
+        let refuse = |e: String| {
+            rpc_error(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {}: {e}", req.id),
+            )
+        };
+        rootfs_split::lower_layers(&rootfs).map_err(|e| refuse(e.to_string()))?;
+        let mut no_share = |source: &Path, _read_only: bool| Ok(source.to_path_buf());
+        guest_spec(&spec, &mut no_share).map_err(|e| refuse(e.to_string()))?;
         let started = Instant::now();
 
         let (sandbox, split) = if joins {

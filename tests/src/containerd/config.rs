@@ -48,13 +48,18 @@ pub struct ContainerdConfig {
     pub runc_root: PathBuf,
     /// The image the CRI plugin starts every pod's sandbox container from.
     pub sandbox_image: String,
+    /// Whether the btrfs snapshotter is on (its root must be a btrfs mount before containerd starts).
+    pub btrfs_snapshotter: bool,
 }
+
+/// The btrfs snapshotter's plugin id, also the name of its directory under containerd's root.
+pub const BTRFS_SNAPSHOTTER: &str = "io.containerd.snapshotter.v1.btrfs";
 
 /// Plugins that cannot work here or reach out to the network: snapshotters needing their own
 /// filesystems or daemons, and OpenTelemetry tracing.
 const DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
+    BTRFS_SNAPSHOTTER,
     "io.containerd.snapshotter.v1.zfs",
     "io.containerd.snapshotter.v1.devmapper",
     "io.containerd.tracing.processor.v1.otlp",
@@ -69,6 +74,7 @@ impl ContainerdConfig {
         let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
         let disabled = DISABLED_PLUGINS
             .iter()
+            .filter(|p| !(self.btrfs_snapshotter && **p == BTRFS_SNAPSHOTTER))
             .map(|p| toml_string(p))
             .collect::<Vec<_>>()
             .join(", ");
@@ -186,8 +192,16 @@ mod tests {
             cni_bin_dir: "/d/cni/bin".into(),
             runc_root: "/d/runc".into(),
             sandbox_image: "rund.test/e2e:pause".into(),
+            btrfs_snapshotter: false,
         };
         let text = c.render();
+        assert!(text.contains(&format!("\"{BTRFS_SNAPSHOTTER}\"")));
+        let with_btrfs = ContainerdConfig {
+            btrfs_snapshotter: true,
+            ..c.clone()
+        }
+        .render();
+        assert!(!with_btrfs.contains(BTRFS_SNAPSHOTTER), "{with_btrfs}");
         assert!(text.starts_with("version = 2\n"));
         assert!(text.contains("root = \"/d/root\"\n"));
         assert!(text.contains("  address = \"/d/containerd.sock.ttrpc\"\n"));

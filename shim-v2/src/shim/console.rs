@@ -1,0 +1,116 @@
+//! The guest console's last bytes, kept in memory for every sandbox so that a guest that never
+//! brings its agent up can be explained in the error containerd's client sees; with debug logging
+//! the whole console also goes to a file.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// How much of the console is kept: enough for a panic's message and the lines before it.
+const KEPT_BYTES: usize = 16 * 1024;
+
+/// A handle on one guest console's tail; clones share it.
+#[derive(Clone, Default)]
+pub struct ConsoleTail {
+    kept: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl ConsoleTail {
+    pub fn new() -> ConsoleTail {
+        ConsoleTail::default()
+    }
+
+    fn kept(&self) -> MutexGuard<'_, VecDeque<u8>> {
+        // A writer that panicked mid-push leaves bytes, not a broken invariant.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The serial port's writer: into the tail, and into `file` (created or truncated) if given.
+    pub fn writer(&self, file: Option<&Path>) -> io::Result<ConsoleWriter> {
+        let file = file.map(File::create).transpose()?;
+        Ok(ConsoleWriter {
+            tail: self.clone(),
+            file,
+        })
+    }
+
+    /// The last `lines` complete or partial lines, lossily decoded; empty when nothing was written.
+    pub fn last_lines(&self, lines: usize) -> String {
+        let bytes: Vec<u8> = self.kept().iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim_end_matches(['\r', '\n']);
+        let mut tail: Vec<&str> = text
+            .rsplit('\n')
+            .take(lines)
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
+        tail.reverse();
+        tail.join("\n")
+    }
+}
+
+/// What the VMM's serial port writes to.
+pub struct ConsoleWriter {
+    tail: ConsoleTail,
+    file: Option<File>,
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        {
+            let mut kept = self.tail.kept();
+            let skip = buf.len().saturating_sub(KEPT_BYTES);
+            kept.extend(&buf[skip..]);
+            let excess = kept.len().saturating_sub(KEPT_BYTES);
+            kept.drain(..excess);
+        }
+        if let Some(file) = self.file.as_mut() {
+            file.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines_and_bounds_its_memory() {
+        let tail = ConsoleTail::new();
+        let mut w = tail.writer(None).unwrap();
+        assert_eq!(tail.last_lines(5), "");
+        for i in 0..5000 {
+            write!(w, "line {i}\r\n").unwrap();
+        }
+        assert_eq!(tail.last_lines(2), "line 4998\nline 4999");
+        assert!(tail.kept().len() <= KEPT_BYTES);
+        // One write larger than the whole tail keeps its end.
+        w.write_all(&vec![b'x'; 3 * KEPT_BYTES]).unwrap();
+        w.write_all(b"\npanic: init died").unwrap();
+        assert_eq!(tail.kept().len(), KEPT_BYTES);
+        assert!(tail.last_lines(1).ends_with("panic: init died"));
+    }
+
+    #[test]
+    fn the_file_gets_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let tail = ConsoleTail::new();
+        let mut w = tail.writer(Some(&path)).unwrap();
+        let text = "a\n".repeat(KEPT_BYTES);
+        w.write_all(text.as_bytes()).unwrap();
+        w.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(tail.last_lines(3), "a\na\na");
+    }
+}
