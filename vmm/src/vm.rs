@@ -322,6 +322,7 @@ impl Vm {
                 }
             }
         }
+        let device_handles = devices.clone();
         let runtime = VmRuntime {
             vcpu_threads,
             commands: command_rx,
@@ -353,6 +354,7 @@ impl Vm {
             wake,
             finished,
             thread: Some(thread),
+            devices: device_handles,
         })
     }
 }
@@ -595,7 +597,12 @@ pub struct VmHandle {
     wake: Arc<EventFd>,
     finished: Arc<(Mutex<Option<VmExit>>, Condvar)>,
     thread: Option<JoinHandle<VmExit>>,
+    /// The virtio devices, for [`Self::device_report`].
+    devices: Vec<VirtioDeviceHandle>,
 }
+
+/// How long [`VmHandle::device_report`] waits for a device the VMM thread is busy with.
+const REPORT_LOCK_WAIT: Duration = Duration::from_millis(200);
 
 impl VmHandle {
     fn call(&self, command: Command) -> Result<Reply, VmError> {
@@ -640,6 +647,30 @@ impl VmHandle {
     /// Why the VM ended, if it has.
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.exit.reason()
+    }
+
+    /// One line per virtio device on what it and its queues are doing, for a report on a guest
+    /// that stopped answering. Read while the VM runs, so only a glimpse; a device the VMM thread
+    /// holds for longer than a moment is reported as busy rather than waited for.
+    pub fn device_report(&self) -> String {
+        let mut lines = Vec::with_capacity(self.devices.len());
+        for device in &self.devices {
+            let deadline = Instant::now() + REPORT_LOCK_WAIT;
+            let line = loop {
+                match device.try_lock() {
+                    Ok(d) => break d.report(),
+                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().report(),
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        break format!("a device held by the VMM thread for {REPORT_LOCK_WAIT:?}")
+                    }
+                }
+            };
+            lines.push(line);
+        }
+        lines.join("\n")
     }
 
     /// When vCPU 0 first entered `KVM_RUN`.

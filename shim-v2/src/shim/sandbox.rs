@@ -446,11 +446,15 @@ impl Sandbox {
     /// The guest's state for a log line when the agent's connection breaks: whether the VM still
     /// runs or how it ended, and the console's end.
     pub fn guest_report(&self) -> String {
-        let exit = self.lock_held().vm.as_ref().and_then(|vm| vm.exit_reason());
-        let state = match exit {
-            Some(exit) => format!("the microVM stopped ({exit})"),
-            None => "the microVM runs".to_owned(),
+        let held = self.lock_held();
+        let state = match held.vm.as_ref() {
+            None => "the microVM is gone".to_owned(),
+            Some(vm) => match vm.exit_reason() {
+                Some(exit) => format!("the microVM stopped ({exit})"),
+                None => format!("the microVM runs; its devices:\n{}", vm.device_report()),
+            },
         };
+        drop(held);
         format!(
             "{state}{}",
             console_tail(&self.console.last_lines(CONSOLE_LINES))

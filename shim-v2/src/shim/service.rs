@@ -64,7 +64,9 @@ fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
 }
 
 /// The agent's error, passed on with its code (the agent speaks ttrpc 0.10, containerd 0.9).
-fn from_agent(op: &str, e: ::ttrpc::Error) -> ttrpc::Error {
+/// `guest` describes the guest for a transport failure (no answer in time, a broken connection),
+/// where the agent's own words are missing: whether the microVM still runs, its console's end.
+fn from_agent(op: &str, e: ::ttrpc::Error, guest: impl FnOnce() -> String) -> ttrpc::Error {
     match e {
         ::ttrpc::Error::RpcStatus(s) => {
             let code =
@@ -72,7 +74,11 @@ fn from_agent(op: &str, e: ::ttrpc::Error) -> ttrpc::Error {
                     .unwrap_or(ttrpc::Code::UNKNOWN);
             rpc_error(code, format!("{op}: {}", s.message))
         }
-        other => rpc_error(ttrpc::Code::UNAVAILABLE, format!("{op}: {other}")),
+        other => {
+            let guest = guest();
+            log::error!("{op}: {other}; {guest}");
+            rpc_error(ttrpc::Code::UNAVAILABLE, format!("{op}: {other}; {guest}"))
+        }
     }
 }
 
@@ -160,6 +166,14 @@ impl TaskService {
             .sandbox
             .clone()
             .ok_or_else(|| rpc_error(ttrpc::Code::FAILED_PRECONDITION, "no sandbox in this shim"))
+    }
+
+    /// [`from_agent`] with this pod's guest described.
+    fn agent_failure(&self, op: &str, e: ::ttrpc::Error) -> ttrpc::Error {
+        from_agent(op, e, || match self.sandbox() {
+            Ok(sandbox) => sandbox.guest_report(),
+            Err(_) => "no sandbox".to_owned(),
+        })
     }
 
     fn agent(&self) -> TtrpcResult<Arc<AgentClient>> {
@@ -378,7 +392,7 @@ impl TaskService {
             agent
                 .pause_container(agent_ctx(), &r)
                 .await
-                .map_err(|e| from_agent("PauseContainer", e))?;
+                .map_err(|e| self.agent_failure("PauseContainer", e))?;
             let event = TaskPaused {
                 container_id: id.to_owned(),
                 ..Default::default()
@@ -388,7 +402,7 @@ impl TaskService {
             agent
                 .resume_container(agent_ctx(), &r)
                 .await
-                .map_err(|e| from_agent("ResumeContainer", e))?;
+                .map_err(|e| self.agent_failure("ResumeContainer", e))?;
             let event = TaskResumed {
                 container_id: id.to_owned(),
                 ..Default::default()
@@ -504,7 +518,7 @@ impl Task for TaskService {
             agent
                 .start_container(agent_ctx(), &r)
                 .await
-                .map_err(|e| from_agent("StartContainer", e))?;
+                .map_err(|e| self.agent_failure("StartContainer", e))?;
             process.set_running();
             let event = TaskStart {
                 container_id: req.id.clone(),
@@ -521,7 +535,7 @@ impl Task for TaskService {
             agent
                 .exec_process(agent_ctx(), &r)
                 .await
-                .map_err(|e| from_agent("ExecProcess", e))?;
+                .map_err(|e| self.agent_failure("ExecProcess", e))?;
             process.set_running();
             let pumps = StdioPumps::start(agent, &req.id, &req.exec_id, &process.stdio);
             self.watch_exit(process.clone(), pumps);
@@ -626,7 +640,7 @@ impl Task for TaskService {
             .agent()?
             .list_processes(agent_ctx(), &r)
             .await
-            .map_err(|e| from_agent("ListProcesses", e))?;
+            .map_err(|e| self.agent_failure("ListProcesses", e))?;
         let processes = list
             .pids
             .into_iter()
@@ -669,7 +683,7 @@ impl Task for TaskService {
                 "{}: process already finished",
                 process.event_id()
             ))),
-            Err(e) => Err(from_agent("SignalProcess", e)),
+            Err(e) => Err(self.agent_failure("SignalProcess", e)),
         }
     }
 
@@ -730,7 +744,7 @@ impl Task for TaskService {
         self.agent()?
             .tty_win_resize(agent_ctx(), &r)
             .await
-            .map_err(|e| from_agent("TtyWinResize", e))?;
+            .map_err(|e| self.agent_failure("TtyWinResize", e))?;
         Ok(Empty::new())
     }
 
@@ -755,7 +769,7 @@ impl Task for TaskService {
         self.agent()?
             .update_container(agent_ctx(), &r)
             .await
-            .map_err(|e| from_agent("UpdateContainer", e))?;
+            .map_err(|e| self.agent_failure("UpdateContainer", e))?;
         Ok(Empty::new())
     }
 
@@ -777,7 +791,7 @@ impl Task for TaskService {
             .agent()?
             .stats_container(agent_ctx(), &r)
             .await
-            .map_err(|e| from_agent("StatsContainer", e))?;
+            .map_err(|e| self.agent_failure("StatsContainer", e))?;
         let entry = |usage, max, limit, failcnt| {
             MessageField::some(MemoryEntry {
                 usage,
@@ -867,5 +881,41 @@ impl Task for TaskService {
             self.exit.signal();
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: ttrpc::Error) -> (i32, String) {
+        match e {
+            ttrpc::Error::RpcStatus(s) => (s.code.value(), s.message),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn agent_errors_keep_their_code_and_a_transport_failure_describes_the_guest() {
+        let refused = ::ttrpc::Error::RpcStatus(::ttrpc::get_status(
+            ::ttrpc::Code::NOT_FOUND,
+            "container c1 not found",
+        ));
+        let (code, message) = status_of(from_agent("StartContainer", refused, || {
+            panic!("the agent answered: nothing to describe")
+        }));
+        assert_eq!(code, ttrpc::Code::NOT_FOUND as i32);
+        assert_eq!(message, "StartContainer: container c1 not found");
+
+        let lost = ::ttrpc::Error::Others("Request deadline elapsed".into());
+        let (code, message) = status_of(from_agent("StartContainer", lost, || {
+            "the microVM runs; the guest console ends with:\nlast line".to_owned()
+        }));
+        assert_eq!(code, ttrpc::Code::UNAVAILABLE as i32);
+        assert!(
+            message.starts_with("StartContainer: ") && message.contains("Request deadline elapsed"),
+            "{message}"
+        );
+        assert!(message.ends_with("the microVM runs; the guest console ends with:\nlast line"));
     }
 }

@@ -13,12 +13,13 @@
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot};
@@ -234,6 +235,46 @@ impl VirtioCommon {
         !self.retired.is_empty()
     }
 
+    /// One line on what the device and its queues are doing, for a report on a stuck guest:
+    /// the interrupt status, and per queue the driver's indices (avail, used_event) next to the
+    /// device's (next_avail, next_used, avail_event) as guest memory holds them now.
+    pub fn report(&self) -> String {
+        let Some(active) = &self.active else {
+            return format!("{}: not active", self.device);
+        };
+        let mem = &active.mem;
+        let mut line = format!(
+            "{}: interrupt status {:#x}",
+            self.device,
+            active.interrupt.status()
+        );
+        for (i, q) in active.queues.iter().enumerate() {
+            let q = &q.queue;
+            let size = u64::from(q.size());
+            let avail = q.avail_idx(mem, Ordering::Acquire).map(|w| w.0);
+            let used = q.used_idx(mem, Ordering::Acquire).map(|w| w.0);
+            // virtio 1.2, 2.7.10: used_event ends the available ring, avail_event the used ring.
+            let word = |ring: u64, offset: u64| {
+                GuestAddress(ring)
+                    .checked_add(offset)
+                    .and_then(|a| mem.read_obj::<u16>(a).ok())
+            };
+            let used_event = word(q.avail_ring(), 4 + 2 * size);
+            let avail_event = word(q.used_ring(), 4 + 8 * size);
+            let show = |v: Option<u16>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            line.push_str(&format!(
+                "; queue {i}: avail {} next_avail {} | used {} next_used {} | used_event {} avail_event {}",
+                show(avail.ok()),
+                q.next_avail(),
+                show(used.ok()),
+                q.next_used(),
+                show(used_event),
+                show(avail_event),
+            ));
+        }
+        line
+    }
+
     /// The control eventfd joins the event loop (from the device's `MutEventSubscriber::init`).
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
@@ -410,6 +451,34 @@ mod tests {
             notify,
         };
         (q, kick)
+    }
+
+    #[test]
+    fn report_shows_both_sides_indices_and_the_interrupt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let d = QueueDriver::new(&mem, 0, 16);
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut common = VirtioCommon::new("test", &[16], EVENT_IDX).unwrap();
+        assert_eq!(common.report(), "test: not active");
+        common.set_acked_features(EVENT_IDX);
+        let (q, _kick) = queue(&d);
+        common.activate(mem.clone(), irq.clone(), vec![q]).unwrap();
+        d.add_chain(&[(0x8000, 16, 0)]);
+        d.add_chain(&[(0x8100, 16, 0)]);
+        d.set_used_event(7);
+        let active = common.active_mut().unwrap();
+        let head = active.queues[0].queue.pop_descriptor_chain(&mem).unwrap();
+        active.queues[0]
+            .queue
+            .add_used(&mem, head.head_index(), 0)
+            .unwrap();
+        active.queues[0].queue.enable_notification(&mem).unwrap();
+        irq.signal_used_ring().unwrap();
+        assert_eq!(
+            common.report(),
+            "test: interrupt status 0x1; queue 0: avail 2 next_avail 1 | used 1 next_used 1 | \
+             used_event 7 avail_event 1"
+        );
     }
 
     #[test]

@@ -267,6 +267,10 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn queue_states(&self) -> Vec<QueueSnapshot> {
         self.common().queue_states()
     }
+    /// One line on the device's state, for a report on a guest that stopped answering.
+    fn report(&self) -> String {
+        self.common().report()
+    }
     /// The device's own part of a snapshot (configuration space, backend settings; not the queues
     /// nor the negotiated features, which the transport keeps). Read while the VM is paused.
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError>;

@@ -486,6 +486,26 @@ impl Connection {
         }
     }
 
+    /// The connection's flow state in a few words, for a report on a stuck guest.
+    pub fn report(&self) -> String {
+        format!(
+            "{}:{} {:?} guest credit {} (alloc {}, sent {}, its fwd {}){}{}{}, {} bytes for the host, \
+             pending {:?}",
+            self.local_port,
+            self.peer_port,
+            self.state,
+            self.peer_free(),
+            self.peer_buf_alloc,
+            self.rx_cnt,
+            self.peer_fwd_cnt,
+            if self.host_readable { ", host data waiting" } else { "" },
+            if self.host_eof { ", host EOF" } else { "" },
+            if self.credit_requested { ", credit requested" } else { "" },
+            self.buffered(),
+            self.pending,
+        )
+    }
+
     /// Puts the next packet for the guest into `buf`; returns the bytes written, or `None` when
     /// there is nothing to send.
     pub fn fill(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<u32> {

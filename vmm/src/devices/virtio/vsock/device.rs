@@ -239,6 +239,19 @@ impl VirtioDevice for Vsock {
     // activate: the default. The VMM thread registers the notifiers, then serves the host side
     // and every queue once (see `event_handler`).
 
+    fn report(&self) -> String {
+        format!(
+            "{}; {}{}",
+            self.common.report(),
+            self.muxer.report(),
+            if self.pending_reset_event {
+                "; a transport reset waits for an event buffer"
+            } else {
+                ""
+            }
+        )
+    }
+
     fn stop_backend(&mut self) {
         self.muxer.reset_connections();
         self.pending_reset_event = false;

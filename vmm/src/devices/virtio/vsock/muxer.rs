@@ -576,6 +576,30 @@ impl Muxer {
         !self.rsts.is_empty() || !self.rx_ready.is_empty()
     }
 
+    /// Connections, handshakes and what waits for RX buffers, in a few words.
+    pub fn report(&self) -> String {
+        let established = self
+            .conns
+            .values()
+            .filter(|c| c.state() == State::Established)
+            .count();
+        let with_rx = self.conns.values().filter(|c| c.has_rx_work()).count();
+        let buffered: usize = self.conns.values().map(Connection::buffered).sum();
+        format!(
+            "{} connections ({established} established, {with_rx} with data or control for the \
+             guest, {buffered} guest bytes the host has not taken), {} handshakes, {} in the RX \
+             line, {} RSTs waiting",
+            self.conns.len(),
+            self.handshakes.len(),
+            self.rx_ready.len(),
+            self.rsts.len()
+        ) + &self
+            .conns
+            .values()
+            .map(|c| format!("; {}", c.report()))
+            .collect::<String>()
+    }
+
     /// Puts the next packet for the guest into `buf`, connections taking turns; returns the
     /// bytes written, or `None` when nothing is due.
     pub fn recv_for_guest(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<u32> {

@@ -425,6 +425,17 @@ fn host_initiated_connect_and_data_both_ways() {
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"hello host");
+    // What a stuck guest's report would say of it.
+    let report = VirtioDevice::report(&g.dev);
+    assert!(
+        report.starts_with("virtio-vsock: interrupt status"),
+        "{report}"
+    );
+    assert!(report.contains("1 connections (1 established"), "{report}");
+    assert!(
+        report.contains(&format!("; {hport}:1234 Established guest credit")),
+        "{report}"
+    );
 }
 
 #[test]
