@@ -18,6 +18,11 @@ pub enum VmExit {
     TripleFault {
         /// The vCPU.
         vcpu: u32,
+        /// Where it stood: the instruction and stack pointers, the last page fault's address and
+        /// the paging registers (empty if KVM would not say), to find the faulting code in the
+        /// guest kernel's System.map.
+        #[serde(default)]
+        registers: String,
     },
     /// KVM could not emulate an instruction (KVM_EXIT_INTERNAL_ERROR).
     EmulationFailure {
@@ -37,7 +42,12 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::GuestReset => write!(f, "guest reset"),
             VmExit::GuestPowerOff => write!(f, "guest power-off"),
-            VmExit::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
+            VmExit::TripleFault { vcpu, registers } if registers.is_empty() => {
+                write!(f, "triple fault on vCPU {vcpu}")
+            }
+            VmExit::TripleFault { vcpu, registers } => {
+                write!(f, "triple fault on vCPU {vcpu} ({registers})")
+            }
             VmExit::EmulationFailure { vcpu, suberror } => write!(
                 f,
                 "instruction emulation failed on vCPU {vcpu} (KVM internal error, suberror {suberror})"
@@ -95,9 +105,13 @@ mod tests {
     fn first_reason_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
-        s.raise(VmExit::TripleFault { vcpu: 1 });
+        let fault = VmExit::TripleFault {
+            vcpu: 1,
+            registers: String::new(),
+        };
+        s.raise(fault.clone());
         s.raise(VmExit::HostRequest);
-        assert_eq!(s.reason(), Some(VmExit::TripleFault { vcpu: 1 }));
+        assert_eq!(s.reason(), Some(fault));
         assert_eq!(s.eventfd().read().unwrap(), 2);
     }
 

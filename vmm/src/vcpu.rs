@@ -435,6 +435,17 @@ impl Vcpu {
         p.parked -= 1;
     }
 
+    /// The registers that place a triple fault, in one line; empty if KVM would not give them.
+    fn fault_registers(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => String::new(),
+        }
+    }
+
     fn run_once(&mut self) -> Next {
         let index = self.index;
         match self.fd.run() {
@@ -465,7 +476,10 @@ impl Vcpu {
                 // With the in-kernel LAPIC, KVM handles HLT itself; one seen here is spurious.
                 VcpuExit::Hlt => Next::Continue,
                 VcpuExit::Intr => Next::Continue,
-                VcpuExit::Shutdown => Next::End(VmExit::TripleFault { vcpu: index }),
+                VcpuExit::Shutdown => Next::End(VmExit::TripleFault {
+                    vcpu: index,
+                    registers: self.fault_registers(),
+                }),
                 VcpuExit::InternalError => {
                     // SAFETY: on KVM_EXIT_INTERNAL_ERROR the `internal` member of the union is the
                     // one KVM filled in.

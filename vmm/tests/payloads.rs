@@ -112,7 +112,17 @@ fn triple_fault_ends_the_vm() {
     // The boot IDT is empty: #DE -> #GP -> #DF -> shutdown.
     let code = Asm::new().print(b"x").divide_by_zero().hlt().finish();
     let (exit, out) = run_and_check_leaks(&code, 1);
-    assert_eq!(exit, VmExit::TripleFault { vcpu: 0 });
+    let VmExit::TripleFault { vcpu: 0, registers } = &exit else {
+        panic!("not a triple fault of vCPU 0: {exit:?}");
+    };
+    // Where it stood, for the guest's System.map: long mode (EFER.LMA) with paging on.
+    assert!(registers.starts_with("rip 0x"), "{registers}");
+    assert!(registers.ends_with(" efer 0x500"), "{registers}");
+    assert!(
+        exit.to_string()
+            .starts_with("triple fault on vCPU 0 (rip 0x"),
+        "{exit}"
+    );
     assert_eq!(out, b"x");
 }
 
