@@ -19,8 +19,8 @@ pub enum VmExit {
         /// The vCPU.
         vcpu: u32,
         /// Where it stood: the instruction and stack pointers, the last page fault's address and
-        /// the paging registers (empty if KVM would not say), to find the faulting code in the
-        /// guest kernel's System.map.
+        /// the paging registers, to find the faulting code in the guest kernel's symbols. Empty if
+        /// KVM would not say; a note instead where KVM reset the vCPU at the fault (AMD).
         #[serde(default)]
         registers: String,
     },

@@ -361,6 +361,21 @@ enum Next {
     End(VmExit),
 }
 
+/// What the registers say of a triple fault. KVM on AMD resets the vCPU when it intercepts the
+/// shutdown (the VMCB is undefined after it), so there the registers read back are the power-on
+/// state (real mode at 0xfff0), which this guest, booted straight into long mode, never runs in:
+/// that is said instead of passing reset values off as the fault's place.
+fn describe_fault(r: &kvm_regs, s: &kvm_sregs) -> String {
+    const CR0_PE: u64 = 1;
+    if r.rip == 0xfff0 && s.cr0 & CR0_PE == 0 && s.efer == 0 {
+        return "registers lost: KVM reset the vCPU at the shutdown, as it does on AMD".to_owned();
+    }
+    format!(
+        "rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+        r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+    )
+}
+
 impl Vcpu {
     /// Wraps a configured vCPU.
     pub fn new(
@@ -438,10 +453,7 @@ impl Vcpu {
     /// The registers that place a triple fault, in one line; empty if KVM would not give them.
     fn fault_registers(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => format!(
-                "rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
-                r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-            ),
+            (Ok(r), Ok(s)) => describe_fault(&r, &s),
             _ => String::new(),
         }
     }
@@ -515,6 +527,35 @@ impl Vcpu {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_fault_is_placed_unless_kvm_reset_the_vcpu() {
+        let mut r = kvm_regs {
+            rip: 0xffff_ffff_8100_2876,
+            rsp: 0xffff_c900_0001_3f00,
+            ..Default::default()
+        };
+        let mut s = kvm_sregs {
+            cr0: 0x8005_0033,
+            cr3: 0x1_0000,
+            cr4: 0x20,
+            efer: 0x500,
+            ..Default::default()
+        };
+        assert_eq!(
+            describe_fault(&r, &s),
+            "rip 0xffffffff81002876 rsp 0xffffc90000013f00 cr0 0x80050033 cr2 0x0 cr3 0x10000 \
+             cr4 0x20 efer 0x500"
+        );
+        // What KVM on AMD reads back after a shutdown intercept.
+        r.rip = 0xfff0;
+        r.rsp = 0;
+        s.cr0 = 0x10;
+        s.cr3 = 0;
+        s.cr4 = 0;
+        s.efer = 0;
+        assert!(describe_fault(&r, &s).starts_with("registers lost"));
+    }
 
     #[test]
     fn control_counts_parked_and_finished_vcpus() {
