@@ -444,7 +444,8 @@ impl Sandbox {
     }
 
     /// The guest's state for a log line when the agent's connection breaks: whether the VM still
-    /// runs or how it ended, and the console's end.
+    /// runs (then each virtio device's line, which may take a device lock up to 200 ms: only for
+    /// failure paths) or how it ended, and the console's end.
     pub fn guest_report(&self) -> String {
         let held = self.lock_held();
         let state = match held.vm.as_ref() {
