@@ -15,7 +15,7 @@ pub mod stream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::{SerialOutput, Vm, VmConfig, VmExit};
@@ -89,17 +89,18 @@ pub fn require_guest(test: &str, kernel: GuestKernel) -> Option<PathBuf> {
 #[derive(Clone, Default)]
 pub struct MarkerConsole {
     inner: Arc<Mutex<(Vec<u8>, Option<Instant>)>>,
-    /// Also copies the console to stderr as it comes (long guest tests show their progress).
-    echo: bool,
+    /// Also copies the console to stderr as it comes (long guest tests show their progress),
+    /// through [`echo_thread`]: the vCPU that writes the console never waits on stderr.
+    echo: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 impl Write for MarkerConsole {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.0.extend_from_slice(b);
-        if self.echo {
-            // Best effort: a closed stderr must not stop the guest's console.
-            let _ = std::io::stderr().write_all(b);
+        if let Some(echo) = &self.echo {
+            // Best effort: a gone echo thread must not stop the guest's console.
+            let _ = echo.send(b.to_vec());
         }
         if g.1.is_none() && b.contains(&b'\n') && find_marker(&g.0).is_some() {
             g.1 = Some(Instant::now());
@@ -111,11 +112,54 @@ impl Write for MarkerConsole {
     }
 }
 
+/// How long the echo holds an unfinished line before it writes it out anyway.
+const ECHO_LINGER: Duration = Duration::from_millis(200);
+
+/// Copies what the console receives to `out` (stderr) a line at a time (the guest writes the serial port
+/// a byte per exit; a write per byte is slow in the testbed), and a partial line once the guest
+/// has paused for [`ECHO_LINGER`], so the last thing a stuck guest printed is shown. Ends, after
+/// writing what it holds, when every sender is gone.
+fn echo_thread(rx: mpsc::Receiver<Vec<u8>>, mut out: impl Write) {
+    let mut pending = Vec::new();
+    loop {
+        let (bytes, open) = match rx.recv_timeout(ECHO_LINGER) {
+            Ok(bytes) => (Some(bytes), true),
+            Err(mpsc::RecvTimeoutError::Timeout) => (None, true),
+            Err(mpsc::RecvTimeoutError::Disconnected) => (None, false),
+        };
+        let linger_over = bytes.is_none();
+        if let Some(bytes) = bytes {
+            pending.extend_from_slice(&bytes);
+        }
+        let upto = if linger_over {
+            pending.len()
+        } else {
+            pending
+                .iter()
+                .rposition(|&c| c == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        if upto > 0 {
+            // Best effort: a closed stderr only loses the echo.
+            let _ = out.write_all(&pending[..upto]);
+            pending.drain(..upto);
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
 impl MarkerConsole {
     /// A console that also copies what the guest prints to stderr, live.
     pub fn echoing() -> Self {
+        let (tx, rx) = mpsc::channel();
+        let echo = std::thread::Builder::new()
+            .name("console-echo".into())
+            .spawn(move || echo_thread(rx, std::io::stderr()));
         MarkerConsole {
-            echo: true,
+            // Without its thread the console only keeps the text.
+            echo: echo.is_ok().then_some(tx),
             ..Default::default()
         }
     }
@@ -178,9 +222,9 @@ pub enum BootError {
     /// The initramfs could not be made.
     #[error("cannot build the test initramfs")]
     Initramfs(#[from] std::io::Error),
-    /// The guest ran past [`BOOT_TIMEOUT`].
-    #[error("guest still running after {0:?}; console:\n{1}")]
-    Hung(Duration, String),
+    /// The guest ran past [`BOOT_TIMEOUT`]: its vCPUs' and devices' report, and its console.
+    #[error("guest still running after {0:?}; its {1}\nconsole:\n{2}")]
+    Hung(Duration, String, String),
 }
 
 /// Boots `kernel` with the marker initramfs `initrd`, once.
@@ -202,9 +246,10 @@ pub fn boot_once(
     let exit = match handle.wait_timeout(BOOT_TIMEOUT) {
         Some(exit) => exit,
         None => {
+            let report = handle.report();
             handle.shutdown();
             handle.wait();
-            return Err(BootError::Hung(BOOT_TIMEOUT, console.text()));
+            return Err(BootError::Hung(BOOT_TIMEOUT, report, console.text()));
         }
     };
     let text = console.text();
@@ -246,6 +291,54 @@ pub fn boot_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each write it gets.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<String>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(b).into_owned());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_echo_writes_whole_lines_then_a_stalled_partial_one() {
+        let (tx, rx) = mpsc::channel();
+        let writes = Writes::default();
+        let out = writes.clone();
+        let echo = std::thread::spawn(move || echo_thread(rx, out));
+        for chunk in ["Lin", "ux\nUnpa", "cking\n", "Unpacking initramfs."] {
+            tx.send(chunk.as_bytes().to_vec()).unwrap();
+        }
+        // The guest goes quiet mid-line: the partial line comes out after the linger.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writes.0.lock().unwrap().len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(ECHO_LINGER / 4);
+        }
+        tx.send(b"..\nbye".to_vec()).unwrap();
+        drop(tx);
+        echo.join().unwrap();
+        // Whole lines as they complete, not a write per chunk; the stalled partial line after the
+        // linger; the rest when the console closes.
+        assert_eq!(
+            *writes.0.lock().unwrap(),
+            [
+                "Linux\n",
+                "Unpacking\n",
+                "Unpacking initramfs.",
+                "..\n",
+                "bye"
+            ]
+        );
+    }
 
     #[test]
     fn marker_is_parsed() {

@@ -21,9 +21,12 @@ use serde_json::json;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
-use vmm::{SerialOutput, Vm, VmConfig};
+use vmm::{SerialOutput, Vm, VmConfig, VmHandle};
 
-const TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the agent may take to answer its first call (a boot in the testbed takes seconds).
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// How long any one agent call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn agent_initramfs(test: &str) -> Option<PathBuf> {
     match std::env::var_os("RUND_AGENT_INITRAMFS").map(PathBuf::from) {
@@ -47,30 +50,56 @@ fn sh(cmd: &str) {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(0)
+    ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
 }
 
-async fn connect(socket: &Path, deadline: Instant) -> AgentClient {
-    loop {
-        // Until the agent listens, the guest refuses the port and the VMM closes the stream.
-        if let Ok(c) = connect_hybrid_vsock(socket, AGENT_VSOCK_PORT, Duration::from_secs(5)).await
-        {
-            if c.check(ctx(), &Empty::new()).await.is_ok() {
-                return c;
+/// The running microVM and its console, to say what the guest looks like when it fails a call.
+struct Guest {
+    handle: VmHandle,
+    console: MarkerConsole,
+}
+
+impl Guest {
+    /// Panics with `what` failed, `err`, and the guest's state: how the VM ended, or each vCPU's
+    /// and device's report; then the console.
+    fn fail(&self, what: &str, err: impl std::fmt::Display) -> ! {
+        let state = match self.handle.exit_reason() {
+            Some(exit) => format!("the microVM stopped ({exit})"),
+            None => format!("the microVM runs; its {}", self.handle.report()),
+        };
+        panic!("{what}: {err}\n{state}\nconsole:\n{}", self.console.text());
+    }
+
+    async fn connect(&self, socket: &Path, deadline: Instant) -> AgentClient {
+        loop {
+            // Until the agent listens, the guest refuses the port and the VMM closes the stream.
+            let attempt = connect_hybrid_vsock(socket, AGENT_VSOCK_PORT, Duration::from_secs(5));
+            if let Ok(c) = attempt.await {
+                if c.check(ctx(), &Empty::new()).await.is_ok() {
+                    return c;
+                }
             }
+            if self.handle.exit_reason().is_some() {
+                self.fail("the agent never answered", "the guest stopped");
+            }
+            if Instant::now() >= deadline {
+                self.fail("the agent never answered", format!("not in {TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "the agent never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn read_stdout(c: &AgentClient, id: &str) -> Vec<u8> {
+async fn read_stdout(guest: &Guest, c: &AgentClient, id: &str) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let mut req = ReadStreamRequest::new();
         req.container_id = id.into();
         req.len = 64 * 1024;
-        let resp = c.read_stdout(ctx(), &req).await.unwrap();
+        let resp = c
+            .read_stdout(ctx(), &req)
+            .await
+            .unwrap_or_else(|e| guest.fail("ReadStdout", e));
         if resp.eof {
             return out;
         }
@@ -120,14 +149,19 @@ async fn echo_hello_through_the_agent_over_vsock() {
         Arc::new(Mutex::new(Block::new(&image, false).unwrap())),
     ];
     let start = Instant::now();
-    let handle = Vm::new(config).unwrap().start().unwrap();
-    let c = connect(&socket, start + TIMEOUT).await;
+    let guest = Guest {
+        handle: Vm::new(config).unwrap().start().unwrap(),
+        console,
+    };
+    let c = guest.connect(&socket, start + TIMEOUT).await;
     let ready = start.elapsed();
 
     let mut sandbox = CreateSandboxRequest::new();
     sandbox.sandbox_id = "sb".into();
     sandbox.hostname = "pod".into();
-    c.create_sandbox(ctx(), &sandbox).await.unwrap();
+    c.create_sandbox(ctx(), &sandbox)
+        .await
+        .unwrap_or_else(|e| guest.fail("CreateSandbox", e));
 
     let spec = json!({
         "ociVersion": "1.0.2",
@@ -154,22 +188,35 @@ async fn echo_hello_through_the_agent_over_vsock() {
         storage("block", "/dev/vda", "ext4", "rw", &[]),
     ];
     req.rootfs = protobuf::MessageField::some(root);
-    c.create_container(ctx(), &req).await.unwrap();
+    c.create_container(ctx(), &req)
+        .await
+        .unwrap_or_else(|e| guest.fail("CreateContainer", e));
     let mut id = ContainerRequest::new();
     id.container_id = "c1".into();
-    c.start_container(ctx(), &id).await.unwrap();
-    let out = read_stdout(&c, "c1").await;
+    c.start_container(ctx(), &id)
+        .await
+        .unwrap_or_else(|e| guest.fail("StartContainer", e));
+    let out = read_stdout(&guest, &c, "c1").await;
     let mut wait = ProcessRequest::new();
     wait.container_id = "c1".into();
-    let status = c.wait_process(ctx(), &wait).await.unwrap().status;
+    let status = c
+        .wait_process(ctx(), &wait)
+        .await
+        .unwrap_or_else(|e| guest.fail("WaitProcess", e))
+        .status;
     let mut rm = RemoveContainerRequest::new();
     rm.container_id = "c1".into();
-    c.remove_container(ctx(), &rm).await.unwrap();
+    c.remove_container(ctx(), &rm)
+        .await
+        .unwrap_or_else(|e| guest.fail("RemoveContainer", e));
     let mut destroy = DestroySandboxRequest::new();
     destroy.sandbox_id = "sb".into();
-    c.destroy_sandbox(ctx(), &destroy).await.unwrap();
+    c.destroy_sandbox(ctx(), &destroy)
+        .await
+        .unwrap_or_else(|e| guest.fail("DestroySandbox", e));
     let total = start.elapsed();
 
+    let Guest { handle, console } = guest;
     handle.shutdown();
     handle.wait();
     assert_eq!(String::from_utf8_lossy(&out), "hello\n", "{test}: stdout");

@@ -347,17 +347,26 @@ fn devices_serve_the_linux_drivers() {
         .collect();
     let vsock_done = Instant::now();
     let exit = handle.wait_timeout(deadline.saturating_duration_since(Instant::now()));
-    if exit.is_none() {
-        handle.shutdown();
-    }
+    // A guest still running at the deadline is described before it is stopped.
+    let report = match exit {
+        Some(_) => String::new(),
+        None => {
+            let report = format!("\nthe microVM still ran; its {}", handle.report());
+            handle.shutdown();
+            report
+        }
+    };
     // Joins the VMM thread: devices (and the vsock socket file) are gone after this.
     handle.wait();
     let text = console.text();
-    assert!(ready, "{test}: the guest never got to its vsock step");
+    assert!(
+        ready,
+        "{test}: the guest never got to its vsock step{report}"
+    );
     assert_eq!(
         exit,
         Some(VmExit::GuestReset),
-        "{test}: the guest did not finish"
+        "{test}: the guest did not finish{report}"
     );
 
     // Each check exactly once, each ok.

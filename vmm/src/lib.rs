@@ -20,6 +20,7 @@ pub mod memory;
 pub mod state;
 pub mod testing;
 pub mod vcpu;
+pub mod vcpu_activity;
 pub mod vm;
 
 pub use config::{SerialOutput, VmConfig};

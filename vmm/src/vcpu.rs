@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::bus::{lock, Bus};
 use crate::exit::{ExitSignal, VmExit};
+use crate::vcpu_activity::{describe_sample, GuestExit, Phase, VcpuActivity};
 
 /// The signal that kicks a vCPU out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -227,6 +228,11 @@ struct Park {
     saved: Vec<Option<Result<VcpuState, String>>>,
     restore: Vec<Option<VcpuState>>,
     restored: Vec<Option<Result<(), String>>>,
+    /// Each live vCPU thread, for kicks from outside the VMM thread; a thread removes itself
+    /// under this lock before it ends, so a kick under the lock never reaches a gone thread.
+    threads: Vec<Option<libc::pthread_t>>,
+    /// The register samples the threads took for [`VcpuControl::report`].
+    samples: Vec<Option<String>>,
 }
 
 /// Shared between the VMM thread and every vCPU thread of one VM.
@@ -236,6 +242,8 @@ pub struct VcpuControl {
     cond: Condvar,
     count: usize,
     first_run: OnceLock<Instant>,
+    epoch: Instant,
+    activity: Vec<VcpuActivity>,
 }
 
 impl VcpuControl {
@@ -247,12 +255,54 @@ impl VcpuControl {
                 saved: vec![None; count],
                 restore: vec![None; count],
                 restored: vec![None; count],
+                threads: vec![None; count],
+                samples: vec![None; count],
                 ..Default::default()
             }),
             cond: Condvar::new(),
             count,
             first_run: OnceLock::new(),
+            epoch: Instant::now(),
+            activity: (0..count).map(|_| VcpuActivity::default()).collect(),
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// One line per vCPU on what it is doing: in the guest and where (each such vCPU is kicked
+    /// for a register sample, waited for up to `wait`), in the VMM and on what exit, paused or
+    /// stopped. Safe to call while the VM runs; it never waits on a busy vCPU beyond `wait`.
+    pub fn report(&self, wait: Duration) -> String {
+        let mut p = self.lock();
+        let now = self.now_ns();
+        let snapshots: Vec<_> = self.activity.iter().map(|a| a.snapshot(now)).collect();
+        let mut asked = Vec::new();
+        for (i, (a, snap)) in self.activity.iter().zip(&snapshots).enumerate() {
+            p.samples[i] = None;
+            if snap.phase() != Phase::InGuest {
+                continue;
+            }
+            let Some(thread) = p.threads[i] else {
+                continue;
+            };
+            a.want_sample();
+            // SAFETY: the thread is live: it clears its entry under this lock, held here, before
+            // it ends. The kick handler is installed before any vCPU thread starts.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+            asked.push(i);
+        }
+        let (p, _) = self
+            .cond
+            .wait_timeout_while(p, wait, |p| asked.iter().any(|&i| p.samples[i].is_none()))
+            .unwrap_or_else(|e| e.into_inner());
+        snapshots
+            .iter()
+            .enumerate()
+            .map(|(i, snap)| snap.describe(i, p.samples[i].as_deref()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn lock(&self) -> MutexGuard<'_, Park> {
@@ -272,7 +322,7 @@ impl VcpuControl {
     }
 
     /// Waits up to `timeout` until every live vCPU is parked; true if they are.
-    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
         let p = self.lock();
         let (p, _) = self
             .cond
@@ -361,6 +411,19 @@ enum Next {
     End(VmExit),
 }
 
+/// What the guest left `KVM_RUN` for; `None` for a kick, which is the VMM's doing.
+fn guest_exit(result: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Option<GuestExit> {
+    Some(match result {
+        Ok(VcpuExit::IoIn(port, _)) => GuestExit::IoIn(*port),
+        Ok(VcpuExit::IoOut(port, _)) => GuestExit::IoOut(*port),
+        Ok(VcpuExit::MmioRead(addr, _)) => GuestExit::MmioRead(*addr),
+        Ok(VcpuExit::MmioWrite(addr, _)) => GuestExit::MmioWrite(*addr),
+        Ok(VcpuExit::Intr) => return None,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
+        _ => GuestExit::Other,
+    })
+}
+
 /// What the registers say of a triple fault. KVM on AMD resets the vCPU when it intercepts the
 /// shutdown (the VMCB is undefined after it), so there the registers read back are the power-on
 /// state (real mode at 0xfff0), which this guest, booted straight into long mode, never runs in:
@@ -401,6 +464,9 @@ impl Vcpu {
     /// The thread body: runs until the VM ends or the VMM stops it.
     pub fn run_loop(mut self) {
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let i = self.index as usize;
+        // SAFETY: pthread_self has no preconditions.
+        self.control.lock().threads[i] = Some(unsafe { libc::pthread_self() });
         loop {
             match self.control.request.load(Ordering::SeqCst) {
                 REQUEST_STOP => break,
@@ -413,17 +479,31 @@ impl Vcpu {
             if self.index == 0 {
                 self.control.first_run.get_or_init(Instant::now);
             }
-            match self.run_once() {
-                Next::Continue => {}
-                Next::End(reason) => {
-                    self.exit.raise(reason);
-                    break;
-                }
+            let next = self.run_once();
+            if self.control.activity[i].take_sample_request() {
+                self.answer_sample();
+            }
+            if let Next::End(reason) = next {
+                self.exit.raise(reason);
+                break;
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         let mut p = self.control.lock();
+        p.threads[i] = None;
+        self.control.activity[i].set_phase(Phase::Finished, self.control.now_ns());
         p.finished += 1;
+        self.control.cond.notify_all();
+    }
+
+    /// Takes the register sample [`VcpuControl::report`] asked for.
+    fn answer_sample(&self) {
+        let sample = match (self.fd.get_regs(), self.fd.get_mp_state()) {
+            (Ok(r), Ok(m)) => describe_sample(&r, m.mp_state),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+        };
+        let mut p = self.control.lock();
+        p.samples[self.index as usize] = Some(sample);
         self.control.cond.notify_all();
     }
 
@@ -431,6 +511,7 @@ impl Vcpu {
         let state =
             capture_state(&self.fd, self.index, &self.msr_indices).map_err(|e| e.to_string());
         let i = self.index as usize;
+        self.control.activity[i].set_phase(Phase::Parked, self.control.now_ns());
         let mut p = self.control.lock();
         p.saved[i] = Some(state);
         p.parked += 1;
@@ -460,7 +541,11 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Next {
         let index = self.index;
-        match self.fd.run() {
+        let activity = &self.control.activity[index as usize];
+        activity.enter_guest(self.control.now_ns());
+        let result = self.fd.run();
+        activity.left_guest(self.control.now_ns(), guest_exit(&result));
+        match result {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     if !self.pio.read(u64::from(port), data) {
@@ -526,7 +611,6 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn a_fault_is_placed_unless_kvm_reset_the_vcpu() {

@@ -603,6 +603,8 @@ pub struct VmHandle {
 
 /// How long [`VmHandle::device_report`] waits for a device the VMM thread is busy with.
 const REPORT_LOCK_WAIT: Duration = Duration::from_millis(200);
+/// How long [`VmHandle::vcpu_report`] waits for the register samples of vCPUs in the guest.
+const REPORT_SAMPLE_WAIT: Duration = Duration::from_millis(200);
 
 impl VmHandle {
     fn call(&self, command: Command) -> Result<Reply, VmError> {
@@ -671,6 +673,22 @@ impl VmHandle {
             lines.push(line);
         }
         lines.join("\n")
+    }
+
+    /// One line per vCPU: in the guest for how long and where (a register sample), or in the VMM
+    /// for how long and on what exit, with its exit count. Kicks each vCPU in the guest once.
+    pub fn vcpu_report(&self) -> String {
+        self.control.report(REPORT_SAMPLE_WAIT)
+    }
+
+    /// [`Self::vcpu_report`] and [`Self::device_report`] under headings: what a report on a guest
+    /// that stopped answering carries.
+    pub fn report(&self) -> String {
+        format!(
+            "vCPUs:\n{}\nvirtio devices:\n{}",
+            self.vcpu_report(),
+            self.device_report()
+        )
     }
 
     /// When vCPU 0 first entered `KVM_RUN`.

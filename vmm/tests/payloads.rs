@@ -160,10 +160,82 @@ fn a_halted_guest_is_stopped_by_the_host() {
     // Give it time to halt; it must not end by itself.
     assert_eq!(g.handle.wait_timeout(Duration::from_millis(500)), None);
     assert_eq!(g.handle.exit_reason(), None);
+    for _ in 0..5 {
+        eprintln!("DEBUG {}", g.handle.vcpu_report());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = g.handle.vcpu_report();
+    assert!(
+        report.contains("interrupts off, halted; 4 exits"),
+        "{report}"
+    );
     g.handle.shutdown();
     let (exit, out) = wait(g);
     assert_eq!(exit, VmExit::HostRequest);
     assert_eq!(out, b"halt");
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the VM left something behind"
+    );
+}
+
+#[test]
+fn a_report_says_where_each_vcpu_is() {
+    let Some(_g) = kvm_or_skip("a_report_says_where_each_vcpu_is") else {
+        return;
+    };
+    let before = footprint();
+    // The BSP spins at a known address; the AP waits for a start-up IPI that never comes.
+    let prologue = Asm::new().print(b"spin");
+    let loop_at = PAYLOAD_ADDR + prologue.len() as u64;
+    let g = boot(&prologue.jmp_back(0).finish(), 2);
+    while g.console.bytes() != b"spin" {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = g.handle.vcpu_report();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), 2, "{report}");
+    assert!(
+        lines[0].starts_with("vCPU 0: in the guest for "),
+        "{report}"
+    );
+    assert!(
+        lines[0].contains(&format!(
+            ", at rip {loop_at:#x}, interrupts off, runnable; 4 exits, the last an I/O write to \
+             port 0x3f8"
+        )),
+        "{report}"
+    );
+    assert!(
+        lines[1].contains("interrupts off, waiting for its start-up IPI; 0 exits, the last none"),
+        "{report}"
+    );
+    // The kicks that took the samples are neither the guest's exits nor the end of its stay in
+    // the guest, and the guest goes on.
+    std::thread::sleep(Duration::from_millis(300));
+    let report = g.handle.vcpu_report();
+    assert!(report.contains("; 4 exits,"), "{report}");
+    let stay: f64 = report
+        .strip_prefix("vCPU 0: in the guest for ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no stay in the guest in: {report}"));
+    assert!(stay >= 0.3, "{report}");
+    assert_eq!(g.handle.exit_reason(), None);
+    // Paused vCPUs say so; the full report adds the (here absent) devices.
+    g.handle.pause().unwrap();
+    let report = g.handle.report();
+    assert!(
+        report.starts_with("vCPUs:\nvCPU 0: paused for "),
+        "{report}"
+    );
+    assert!(report.contains("\nvCPU 1: paused for "), "{report}");
+    assert!(report.ends_with("virtio devices:\n"), "{report}");
+    g.handle.resume().unwrap();
+    g.handle.shutdown();
+    let (exit, _) = wait(g);
+    assert_eq!(exit, VmExit::HostRequest);
     assert_eq!(
         footprint_after(&before),
         before,

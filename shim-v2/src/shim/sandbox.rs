@@ -65,8 +65,16 @@ pub enum SandboxError {
     Device(String),
     #[error("starting the microVM: {0}")]
     Vm(String),
-    #[error("the agent did not answer within {timeout:?} of the VM's start{}", console_tail(.console))]
-    AgentTimeout { timeout: Duration, console: String },
+    #[error(
+        "the agent did not answer within {timeout:?} of the VM's start; the microVM runs; its {report}{}",
+        console_tail(.console)
+    )]
+    AgentTimeout {
+        timeout: Duration,
+        /// [`VmHandle::report`]: where the vCPUs are, what the devices hold.
+        report: String,
+        console: String,
+    },
     #[error("the guest stopped before its agent answered ({exit}){}", console_tail(.console))]
     GuestStopped { exit: String, console: String },
     #[error("the agent refused {op}: {}", agent_message(.source))]
@@ -292,6 +300,7 @@ async fn connect_agent(
         if Instant::now() >= deadline {
             return Err(SandboxError::AgentTimeout {
                 timeout,
+                report: vm.report(),
                 console: console.last_lines(CONSOLE_LINES),
             });
         }
@@ -444,15 +453,15 @@ impl Sandbox {
     }
 
     /// The guest's state for a log line when the agent's connection breaks: whether the VM still
-    /// runs (then each virtio device's line, which may take a device lock up to 200 ms: only for
-    /// failure paths) or how it ended, and the console's end.
+    /// runs (then each vCPU's and each virtio device's line, which kicks the vCPUs and may wait
+    /// up to 200 ms for each: only for failure paths) or how it ended, and the console's end.
     pub fn guest_report(&self) -> String {
         let held = self.lock_held();
         let state = match held.vm.as_ref() {
             None => "the microVM is gone".to_owned(),
             Some(vm) => match vm.exit_reason() {
                 Some(exit) => format!("the microVM stopped ({exit})"),
-                None => format!("the microVM runs; its devices:\n{}", vm.device_report()),
+                None => format!("the microVM runs; its {}", vm.report()),
             },
         };
         drop(held);

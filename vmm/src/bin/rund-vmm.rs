@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vmm::config::VirtioDeviceHandle;
@@ -72,6 +73,10 @@ struct RunArgs {
     /// `CONNECT P`; the guest reaches host port P at the unix socket PATH_P. CID defaults to 3.
     #[arg(long = "vsock", value_name = "PATH[,cid=N]")]
     vsock: Option<String>,
+    /// Stop a guest still running after SECS seconds, and say where its vCPUs and devices were
+    /// (exit 1). Without it the guest runs until it ends.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
 }
 
 /// What `--fs` asks for.
@@ -187,8 +192,19 @@ fn run(args: RunArgs) -> Result<VmExit, String> {
     let vsock = args.vsock.iter().map(|spec| vsock_device(spec));
     config.devices = blk.chain(fs).chain(vsock).collect::<Result<_, _>>()?;
     let vm = Vm::new(config).map_err(|e| error_chain(&e))?;
-    let handle = vm.start().map_err(|e| error_chain(&e))?;
-    Ok(handle.wait())
+    let mut handle = vm.start().map_err(|e| error_chain(&e))?;
+    let Some(secs) = args.timeout else {
+        return Ok(handle.wait());
+    };
+    if let Some(exit) = handle.wait_timeout(Duration::from_secs(secs)) {
+        return Ok(exit);
+    }
+    let report = handle.report();
+    handle.shutdown();
+    handle.wait();
+    Err(format!(
+        "the guest still ran after {secs} s (stopped); its {report}"
+    ))
 }
 
 fn main() -> ExitCode {
