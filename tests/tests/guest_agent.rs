@@ -63,11 +63,11 @@ impl Guest {
     /// Panics with `what` failed, `err`, and the guest's state: how the VM ended, or each vCPU's
     /// and device's report; then the console.
     fn fail(&self, what: &str, err: impl std::fmt::Display) -> ! {
-        let state = match self.handle.exit_reason() {
-            Some(exit) => format!("the microVM stopped ({exit})"),
-            None => format!("the microVM runs; its {}", self.handle.report()),
-        };
-        panic!("{what}: {err}\n{state}\nconsole:\n{}", self.console.text());
+        panic!(
+            "{what}: {err}\n{}\nconsole:\n{}",
+            self.handle.status_report(),
+            self.console.text()
+        );
     }
 
     async fn connect(&self, socket: &Path, deadline: Instant) -> AgentClient {

@@ -351,7 +351,7 @@ fn devices_serve_the_linux_drivers() {
     let report = match exit {
         Some(_) => String::new(),
         None => {
-            let report = format!("\nthe microVM still ran; its {}", handle.report());
+            let report = format!("\n{}", handle.status_report());
             handle.shutdown();
             report
         }

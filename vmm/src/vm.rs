@@ -691,6 +691,15 @@ impl VmHandle {
         )
     }
 
+    /// How the VM ended, or that it runs and its [`Self::report`]: what an error on a guest that
+    /// stopped answering says of it.
+    pub fn status_report(&self) -> String {
+        match self.exit_reason() {
+            Some(exit) => format!("the microVM stopped ({exit})"),
+            None => format!("the microVM runs; its {}", self.report()),
+        }
+    }
+
     /// When vCPU 0 first entered `KVM_RUN`.
     pub fn first_kvm_run(&self) -> Option<Instant> {
         self.control.first_run()

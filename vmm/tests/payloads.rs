@@ -232,6 +232,11 @@ fn a_report_says_where_each_vcpu_is() {
     );
     assert!(report.contains("\nvCPU 1: paused for "), "{report}");
     assert!(report.ends_with("virtio devices:\n"), "{report}");
+    let status = g.handle.status_report();
+    assert!(
+        status.starts_with("the microVM runs; its vCPUs:\nvCPU 0: paused for "),
+        "{status}"
+    );
     g.handle.resume().unwrap();
     g.handle.shutdown();
     let (exit, _) = wait(g);
@@ -298,6 +303,10 @@ fn commands_to_an_ended_vm_are_refused() {
     let exit = g.handle.wait_timeout(Duration::from_secs(60));
     assert_eq!(exit, Some(VmExit::GuestReset));
     assert!(matches!(g.handle.pause(), Err(vmm::VmError::NotRunning)));
+    assert_eq!(
+        g.handle.status_report(),
+        format!("the microVM stopped ({})", VmExit::GuestReset)
+    );
 }
 
 #[test]

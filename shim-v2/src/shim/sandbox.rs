@@ -66,12 +66,12 @@ pub enum SandboxError {
     #[error("starting the microVM: {0}")]
     Vm(String),
     #[error(
-        "the agent did not answer within {timeout:?} of the VM's start; the microVM runs; its {report}{}",
+        "the agent did not answer within {timeout:?} of the VM's start; {report}{}",
         console_tail(.console)
     )]
     AgentTimeout {
         timeout: Duration,
-        /// [`VmHandle::report`]: where the vCPUs are, what the devices hold.
+        /// [`VmHandle::status_report`]: where the vCPUs are, what the devices hold.
         report: String,
         console: String,
     },
@@ -300,7 +300,7 @@ async fn connect_agent(
         if Instant::now() >= deadline {
             return Err(SandboxError::AgentTimeout {
                 timeout,
-                report: vm.report(),
+                report: vm.status_report(),
                 console: console.last_lines(CONSOLE_LINES),
             });
         }
@@ -459,10 +459,7 @@ impl Sandbox {
         let held = self.lock_held();
         let state = match held.vm.as_ref() {
             None => "the microVM is gone".to_owned(),
-            Some(vm) => match vm.exit_reason() {
-                Some(exit) => format!("the microVM stopped ({exit})"),
-                None => format!("the microVM runs; its {}", vm.report()),
-            },
+            Some(vm) => vm.status_report(),
         };
         drop(held);
         format!(
