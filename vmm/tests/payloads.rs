@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::testing::{tiny_elf, Asm, ConsoleBuffer, ProcessFootprint, PAYLOAD_ADDR};
 use vmm::{SerialOutput, Vm, VmConfig, VmExit, VmHandle};
@@ -147,6 +147,19 @@ fn unmapped_mmio_reads_all_ones_and_the_guest_goes_on() {
     assert_eq!(out, b"\xffok");
 }
 
+/// The vCPU report once `settled` holds for it, or the last one after 10 s: on a loaded host a
+/// vCPU thread may enter KVM_RUN late, and a register sample may miss the report's 200 ms wait.
+fn settled_vcpu_report(handle: &VmHandle, settled: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = handle.vcpu_report();
+        if settled(&report) || Instant::now() >= deadline {
+            return report;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_halted_guest_is_stopped_by_the_host() {
     let Some(_g) = kvm_or_skip("a_halted_guest_is_stopped_by_the_host") else {
@@ -160,11 +173,7 @@ fn a_halted_guest_is_stopped_by_the_host() {
     // Give it time to halt; it must not end by itself.
     assert_eq!(g.handle.wait_timeout(Duration::from_millis(500)), None);
     assert_eq!(g.handle.exit_reason(), None);
-    for _ in 0..5 {
-        eprintln!("DEBUG {}", g.handle.vcpu_report());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let report = g.handle.vcpu_report();
+    let report = settled_vcpu_report(&g.handle, |r| r.contains("interrupts off, halted; 4 exits"));
     assert!(
         report.contains("interrupts off, halted; 4 exits"),
         "{report}"
@@ -193,24 +202,24 @@ fn a_report_says_where_each_vcpu_is() {
     while g.console.bytes() != b"spin" {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let report = g.handle.vcpu_report();
+    let bsp_at = format!(
+        ", at rip {loop_at:#x}, interrupts off, runnable; 4 exits, the last an I/O write to port \
+         0x3f8"
+    );
+    let ap_waits = "interrupts off, waiting for its start-up IPI; 0 exits, the last none";
+    // The AP's thread may not have entered KVM_RUN yet when the BSP has printed.
+    let report = settled_vcpu_report(&g.handle, |r| {
+        r.lines().next().is_some_and(|l| l.contains(&bsp_at))
+            && r.lines().nth(1).is_some_and(|l| l.contains(ap_waits))
+    });
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines.len(), 2, "{report}");
     assert!(
         lines[0].starts_with("vCPU 0: in the guest for "),
         "{report}"
     );
-    assert!(
-        lines[0].contains(&format!(
-            ", at rip {loop_at:#x}, interrupts off, runnable; 4 exits, the last an I/O write to \
-             port 0x3f8"
-        )),
-        "{report}"
-    );
-    assert!(
-        lines[1].contains("interrupts off, waiting for its start-up IPI; 0 exits, the last none"),
-        "{report}"
-    );
+    assert!(lines[0].contains(&bsp_at), "{report}");
+    assert!(lines[1].contains(ap_waits), "{report}");
     // The kicks that took the samples are neither the guest's exits nor the end of its stay in
     // the guest, and the guest goes on.
     std::thread::sleep(Duration::from_millis(300));
