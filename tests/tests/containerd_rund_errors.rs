@@ -1,5 +1,6 @@
 //! Bad input that only rund can meet, through containerd: a microVM too small, a missing guest
-//! kernel, a guest that stops before its agent answers (a junk initramfs), a spec mount of a type
+//! kernel, a guest that stops before its agent answers (a junk initramfs), one that never answers
+//! (its kernel panics and waits), a spec mount of a type
 //! the guest cannot take, a rootfs of a type rund cannot split (the btrfs snapshotter's). Each
 //! time a clear error reaches `ctr`, and nothing is left behind (the harness checks tasks, shims,
 //! mounts and rund's state). Needs what tests/tests/containerd_ctr.rs needs;
@@ -23,9 +24,24 @@ fn run_rund(cd: &Containerd, id: &str, extra: &[&str], cmd: &[&str]) -> (bool, S
     (out.success(), out.stderr)
 }
 
-/// Runs a `true` container with rund's configuration naming `file` instead of `configured` for
-/// `key` (the shim reads its configuration at each start), then restores it; the start must fail:
-/// returns its error, the container deleted.
+/// Runs a `true` container with rund's configuration changed by `edit` (the shim reads its
+/// configuration at each start), then restores it; the start must fail: returns its error, the
+/// container deleted.
+fn run_with_config(cd: &Containerd, scenario: &str, edit: impl Fn(&str) -> String) -> String {
+    let setup = cd.rund().expect("rund's setup");
+    let good = std::fs::read_to_string(&setup.config_path).unwrap();
+    let bad = edit(&good);
+    assert_ne!(bad, good, "{scenario}: the edit changed nothing in {good}");
+    std::fs::write(&setup.config_path, bad).unwrap();
+    let id = cd.unique_id(scenario, Runtime::Rund);
+    let (ok, err) = run_rund(cd, &id, &[], &["true"]);
+    std::fs::write(&setup.config_path, good).unwrap();
+    assert!(!ok, "{scenario}: started");
+    let _ = cd.ctr(&["container", "delete", &id]);
+    err
+}
+
+/// [`run_with_config`] with the configuration naming `file` instead of `configured` for `key`.
 fn run_with_guest_file(
     cd: &Containerd,
     scenario: &str,
@@ -33,18 +49,10 @@ fn run_with_guest_file(
     configured: &Path,
     file: &Path,
 ) -> String {
-    let setup = cd.rund().expect("rund's setup");
-    let good = std::fs::read_to_string(&setup.config_path).unwrap();
     let line = |p: &Path| format!("{key} = {:?}", p.to_string_lossy());
-    let bad = good.replace(&line(configured), &line(file));
-    assert_ne!(bad, good, "{scenario}: no {key} line in {good}");
-    std::fs::write(&setup.config_path, bad).unwrap();
-    let id = cd.unique_id(scenario, Runtime::Rund);
-    let (ok, err) = run_rund(cd, &id, &[], &["true"]);
-    std::fs::write(&setup.config_path, good).unwrap();
-    assert!(!ok, "{scenario}: started with {key} {}", file.display());
-    let _ = cd.ctr(&["container", "delete", &id]);
-    err
+    run_with_config(cd, scenario, |good| {
+        good.replace(&line(configured), &line(file))
+    })
 }
 
 fn start(test: &str, options: Options) -> Option<Containerd> {
@@ -128,6 +136,26 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
         "{test}: {err}"
     );
     clean("junk initramfs");
+
+    // A guest that never answers: its kernel finds no init and, told `panic=0`, waits forever
+    // instead of rebooting. The agent's timeout says where the vCPUs are, what the devices
+    // hold, and how the console ends.
+    let err = run_with_config(&cd, "noanswer", |good| {
+        good.replace(
+            "[guest]\n",
+            "[guest]\nagent_timeout_secs = 5\nextra_cmdline = \"rdinit=/nonexistent panic=0\"\n",
+        )
+    });
+    for part in [
+        "the agent did not answer within 5s of the VM's start; the microVM runs; its vCPUs:\nvCPU 0: ",
+        "\nvirtio devices:\n",
+        "\nvirtio-vsock: ",
+        "; the guest console ends with:\n",
+        "Kernel panic",
+    ] {
+        assert!(err.contains(part), "{test}: no {part:?} in {err}");
+    }
+    clean("a guest that never answers");
 
     // And a good container still runs afterwards.
     let id = cd.unique_id("after", Runtime::Rund);
