@@ -77,23 +77,21 @@ pub enum SandboxError {
     },
     #[error("the guest stopped before its agent answered ({exit}){}", console_tail(.console))]
     GuestStopped { exit: String, console: String },
-    #[error("the agent refused {op}: {}", agent_message(.source))]
-    Agent {
+    #[error("the agent refused {op}: {message}")]
+    AgentRefused { op: &'static str, message: String },
+    /// No answer in time, or a broken connection: the agent's own words are missing, so the
+    /// guest's state stands in for them.
+    #[error("no answer from the agent to {op} ({error}); {guest}")]
+    AgentNoAnswer {
         op: &'static str,
-        source: ttrpc::Error,
+        error: String,
+        /// [`Sandbox::guest_report`]: whether the microVM runs, its vCPUs and devices, its console.
+        guest: String,
     },
     #[error("the container's spec: {0}")]
     Spec(#[from] super::spec::SpecError),
     #[error("a blocking task of the sandbox failed: {0}")]
     Join(String),
-}
-
-/// What the agent said: its status message alone (the status's Debug form is protobuf noise).
-pub fn agent_message(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// How long each step of a sandbox's start took.
@@ -168,8 +166,24 @@ fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(timeout.as_nanos() as i64)
 }
 
-fn agent_err(op: &'static str) -> impl FnOnce(ttrpc::Error) -> SandboxError {
-    move |source| SandboxError::Agent { op, source }
+/// The agent's failure to do `op`: its status message (the status's Debug form is protobuf
+/// noise), or for a transport failure (its deadline passed, the connection broke) what `guest`
+/// says of the guest.
+fn agent_err(
+    op: &'static str,
+    guest: impl FnOnce() -> String,
+) -> impl FnOnce(ttrpc::Error) -> SandboxError {
+    move |e| match e {
+        ttrpc::Error::RpcStatus(s) => SandboxError::AgentRefused {
+            op,
+            message: s.message,
+        },
+        other => SandboxError::AgentNoAnswer {
+            op,
+            error: other.to_string(),
+            guest: guest(),
+        },
+    }
 }
 
 fn readable(what: &'static str, path: &Path) -> Result<(), SandboxError> {
@@ -201,6 +215,18 @@ fn dictated_parent(spec: &Spec, is_cri_sandbox: bool) -> Option<String> {
 }
 
 /// How an error quotes the guest console's last lines.
+/// Whether the microVM runs (with its vCPUs and devices) or how it ended, then its console's end.
+fn describe_guest(vm: Option<&VmHandle>, console: &ConsoleTail) -> String {
+    let state = match vm {
+        None => "the microVM is gone".to_owned(),
+        Some(vm) => vm.status_report(),
+    };
+    format!(
+        "{state}{}",
+        console_tail(&console.last_lines(CONSOLE_LINES))
+    )
+}
+
 fn console_tail(lines: &str) -> String {
     if lines.is_empty() {
         "; the guest console is empty".to_owned()
@@ -422,7 +448,9 @@ impl Sandbox {
         agent
             .create_sandbox(ctx(timeout), &req)
             .await
-            .map_err(agent_err("CreateSandbox"))?;
+            .map_err(agent_err("CreateSandbox", || {
+                describe_guest(Some(vm), console)
+            }))?;
         split.agent = t.elapsed();
         info!(
             "sandbox {id}: {} vCPUs, {} MiB, started in {:?}",
@@ -456,16 +484,7 @@ impl Sandbox {
     /// runs (then each vCPU's and each virtio device's line, which kicks the vCPUs and may wait
     /// up to 200 ms for each: only for failure paths) or how it ended, and the console's end.
     pub fn guest_report(&self) -> String {
-        let held = self.lock_held();
-        let state = match held.vm.as_ref() {
-            None => "the microVM is gone".to_owned(),
-            Some(vm) => vm.status_report(),
-        };
-        drop(held);
-        format!(
-            "{state}{}",
-            console_tail(&self.console.last_lines(CONSOLE_LINES))
-        )
+        describe_guest(self.lock_held().vm.as_ref(), &self.console)
     }
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -535,7 +554,7 @@ impl Sandbox {
             .agent
             .create_container(ctx(Duration::from_secs(60)), &req)
             .await
-            .map_err(agent_err("CreateContainer"));
+            .map_err(agent_err("CreateContainer", || self.guest_report()));
         if created.is_err() {
             self.forget_container(cid).await;
         }
@@ -594,5 +613,55 @@ pub fn cleanup_dead(config: &Config, id: &str) -> Result<bool, String> {
             Err(format!("removing {}: {e}", dir.display()))
         }
         _ => Ok(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn an_agent_status_is_a_refusal_and_no_answer_says_what_the_guest_looks_like() {
+        let refused = ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::INVALID_ARGUMENT,
+            "no such image layer",
+        ));
+        let e = agent_err("CreateContainer", || {
+            unreachable!("a refusal needs no report")
+        })(refused);
+        assert_eq!(
+            e.to_string(),
+            "the agent refused CreateContainer: no such image layer"
+        );
+
+        // ttrpc's own deadline is a transport error, not the agent's word.
+        let late = ttrpc::Error::Others("Request deadline elapsed".into());
+        let e = agent_err("CreateContainer", || {
+            "the microVM runs; its vCPUs: …".into()
+        })(late);
+        assert_eq!(
+            e.to_string(),
+            "no answer from the agent to CreateContainer (ttrpc err: Request deadline elapsed); \
+             the microVM runs; its vCPUs: …"
+        );
+    }
+
+    #[test]
+    fn a_guest_without_a_vm_says_so_with_its_console() {
+        let console = ConsoleTail::new();
+        assert_eq!(
+            describe_guest(None, &console),
+            "the microVM is gone; the guest console is empty"
+        );
+        console
+            .writer(None)
+            .unwrap()
+            .write_all(b"booting\nKernel panic\n")
+            .unwrap();
+        assert_eq!(
+            describe_guest(None, &console),
+            "the microVM is gone; the guest console ends with:\nbooting\nKernel panic"
+        );
     }
 }

@@ -39,7 +39,7 @@ use rootfs_split::RootfsMount;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::process::{Process, ProcessStatus};
-use super::sandbox::Sandbox;
+use super::sandbox::{Sandbox, SandboxError};
 use super::spec::guest_spec;
 use super::stdio::{StdioPaths, StdioPumps};
 use crate::config::Config;
@@ -80,6 +80,16 @@ fn from_agent(op: &str, e: ::ttrpc::Error, guest: impl FnOnce() -> String) -> tt
             rpc_error(ttrpc::Code::UNAVAILABLE, format!("{op}: {other}; {guest}"))
         }
     }
+}
+
+/// A sandbox's failure to start or to create a container in it: UNAVAILABLE when the agent gave
+/// no answer (as [`from_agent`] says it), FAILED_PRECONDITION otherwise.
+fn sandbox_error(what: String, e: SandboxError) -> ttrpc::Error {
+    let code = match e {
+        SandboxError::AgentNoAnswer { .. } => ttrpc::Code::UNAVAILABLE,
+        _ => ttrpc::Code::FAILED_PRECONDITION,
+    };
+    rpc_error(code, format!("{what}: {e}"))
 }
 
 fn agent_ctx() -> ::ttrpc::context::Context {
@@ -326,12 +336,7 @@ impl TaskService {
             let (sandbox, split) =
                 Sandbox::start(self.config.clone(), &req.id, &spec, kind == Some("sandbox"))
                     .await
-                    .map_err(|e| {
-                        rpc_error(
-                            ttrpc::Code::FAILED_PRECONDITION,
-                            format!("sandbox {}: {e}", req.id),
-                        )
-                    })?;
+                    .map_err(|e| sandbox_error(format!("sandbox {}", req.id), e))?;
             let sandbox = Arc::new(sandbox);
             self.pod().sandbox = Some(sandbox.clone());
             self.forward_oom_events(sandbox.agent());
@@ -342,12 +347,7 @@ impl TaskService {
         let created = sandbox
             .create_container(&req.id, &spec, rootfs, req.terminal)
             .await
-            .map_err(|e| {
-                rpc_error(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {}: {e}", req.id),
-                )
-            });
+            .map_err(|e| sandbox_error(format!("container {}", req.id), e));
         if let Err(e) = created {
             if !joins {
                 self.pod().sandbox = None;
@@ -917,5 +917,31 @@ mod tests {
             "{message}"
         );
         assert!(message.ends_with("the microVM runs; the guest console ends with:\nlast line"));
+    }
+
+    #[test]
+    fn a_sandbox_whose_agent_gave_no_answer_is_unavailable() {
+        let e = SandboxError::AgentNoAnswer {
+            op: "CreateContainer",
+            error: "ttrpc err: Request deadline elapsed".into(),
+            guest: "the microVM is gone; the guest console is empty".into(),
+        };
+        let (code, message) = status_of(sandbox_error("container c1".into(), e));
+        assert_eq!(code, ttrpc::Code::UNAVAILABLE as i32);
+        assert_eq!(
+            message,
+            "container c1: no answer from the agent to CreateContainer (ttrpc err: Request deadline \
+             elapsed); the microVM is gone; the guest console is empty"
+        );
+        let e = SandboxError::AgentRefused {
+            op: "CreateSandbox",
+            message: "bad hostname".into(),
+        };
+        let (code, message) = status_of(sandbox_error("sandbox p1".into(), e));
+        assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION as i32);
+        assert_eq!(
+            message,
+            "sandbox p1: the agent refused CreateSandbox: bad hostname"
+        );
     }
 }
