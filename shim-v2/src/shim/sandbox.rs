@@ -214,7 +214,6 @@ fn dictated_parent(spec: &Spec, is_cri_sandbox: bool) -> Option<String> {
     Some(path.to_string_lossy().into_owned())
 }
 
-/// How an error quotes the guest console's last lines.
 /// Whether the microVM runs (with its vCPUs and devices) or how it ended, then its console's end.
 fn describe_guest(vm: Option<&VmHandle>, console: &ConsoleTail) -> String {
     let state = match vm {
@@ -227,6 +226,7 @@ fn describe_guest(vm: Option<&VmHandle>, console: &ConsoleTail) -> String {
     )
 }
 
+/// How an error quotes the guest console's last lines.
 fn console_tail(lines: &str) -> String {
     if lines.is_empty() {
         "; the guest console is empty".to_owned()
