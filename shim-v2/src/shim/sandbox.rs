@@ -65,15 +65,11 @@ pub enum SandboxError {
     Device(String),
     #[error("starting the microVM: {0}")]
     Vm(String),
-    #[error(
-        "the agent did not answer within {timeout:?} of the VM's start; {report}{}",
-        console_tail(.console)
-    )]
+    #[error("the agent did not answer within {timeout:?} of the VM's start; {guest}")]
     AgentTimeout {
         timeout: Duration,
-        /// [`VmHandle::status_report`]: where the vCPUs are, what the devices hold.
-        report: String,
-        console: String,
+        /// [`describe_guest`]: where the vCPUs are, what the devices hold, the console's end.
+        guest: String,
     },
     #[error("the guest stopped before its agent answered ({exit}){}", console_tail(.console))]
     GuestStopped { exit: String, console: String },
@@ -85,7 +81,7 @@ pub enum SandboxError {
     AgentNoAnswer {
         op: &'static str,
         error: String,
-        /// [`Sandbox::guest_report`]: whether the microVM runs, its vCPUs and devices, its console.
+        /// [`describe_guest`]: whether the microVM runs, its vCPUs and devices, its console.
         guest: String,
     },
     #[error("the container's spec: {0}")]
@@ -326,8 +322,7 @@ async fn connect_agent(
         if Instant::now() >= deadline {
             return Err(SandboxError::AgentTimeout {
                 timeout,
-                report: vm.status_report(),
-                console: console.last_lines(CONSOLE_LINES),
+                guest: describe_guest(Some(vm), console),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
