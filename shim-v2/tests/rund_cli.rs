@@ -1,7 +1,9 @@
 //! The `rund` admin binary, run as a user runs it: `rund install` into temporary roots, `rund
 //! check` against configurations written here, and the reflink check line with a real FICLONE
 //! probe on filesystems mounted here (those two need root and xfsprogs; set
-//! RUND_REQUIRE_REFLINK_TESTS=1 to make their absence a failure).
+//! RUND_REQUIRE_REFLINK_TESTS=1 to make their absence a failure). The tests that ask containerd
+//! how it reads a configuration (`containerd config dump`, no daemon) need `containerd` on PATH:
+//! without it they print why and pass, unless RUND_REQUIRE_ROOT_TESTS=1.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use shim_v2::admin::check::{reflink_check, Status};
+use shim_v2::admin::containerd_effective::Reader;
 use shim_v2::config::Config;
 use tempfile::TempDir;
 
@@ -28,6 +31,9 @@ const SHIM: &str = match option_env!("CARGO_BIN_EXE_containerd-shim-rund-v2") {
 const SMALL_BINARY: &str = "/bin/true";
 
 const CRI: &str = "io.containerd.grpc.v1.cri";
+
+/// Debian 12's stock /etc/containerd/config.toml (containerd 1.6.20~ds1-1+deb12u3).
+const DEBIAN_STOCK: &str = include_str!("../testdata/debian-stock.toml");
 
 fn rund(args: &[&str]) -> Output {
     Command::new(RUND)
@@ -424,10 +430,11 @@ version = 2
 
     let out = f.install_containerd("conflict.toml", true);
     assert_success(&out);
+    let stderr = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("replaced the existing rund runtime"),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("replaced the existing runtime rund")
+            && stderr.contains("added runtime runc (the default runtime"),
+        "{stderr}"
     );
     let edited = fs::read_to_string(&path).unwrap();
     assert_rund_entry(&edited);
@@ -436,6 +443,251 @@ version = 2
     // Now it is rund's own entry: no --force needed any more.
     assert_success(&f.install_containerd("conflict.toml", false));
     assert_eq!(fs::read_to_string(&path).unwrap(), edited);
+}
+
+/// The `containerd` on PATH, or `None` after printing why the test is skipped.
+/// RUND_REQUIRE_ROOT_TESTS=1 (CI, which installs containerd) makes its absence a failure.
+fn containerd_or_skip() -> Option<PathBuf> {
+    match Reader::detect() {
+        Reader::Containerd(bin) => Some(bin),
+        Reader::Rules => {
+            let reason = "SKIPPED: no `containerd` on PATH";
+            if std::env::var("RUND_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+                panic!("{reason}, and RUND_REQUIRE_ROOT_TESTS=1");
+            }
+            eprintln!("{reason}");
+            None
+        }
+    }
+}
+
+/// `containerd --config CONFIG config dump`'s CRI runtimes (name and runtime_type) and default.
+fn containerd_dump(containerd: &Path, config: &Path) -> (BTreeMap<String, String>, String) {
+    let out = Command::new(containerd)
+        .arg("--config")
+        .arg(config)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let dump: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
+    let containerd = &dump["plugins"][CRI]["containerd"];
+    let runtimes = containerd["runtimes"]
+        .as_table()
+        .unwrap()
+        .iter()
+        .map(|(name, entry)| {
+            (
+                name.clone(),
+                entry["runtime_type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let default = containerd["default_runtime_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (runtimes, default)
+}
+
+/// The `containerd config` line of `rund check --containerd-config PATH`.
+fn check_containerd_config(path: &Path, env_path: Option<&str>) -> String {
+    let mut command = Command::new(RUND);
+    command
+        .args(["check", "--containerd-config"])
+        .arg(path)
+        .env_remove("RUND_CONFIG");
+    if let Some(p) = env_path {
+        command.env("PATH", p);
+    }
+    let out = command.output().unwrap();
+    let stdout = text(&out.stdout);
+    stdout
+        .lines()
+        .find(|l| l.contains(" containerd config: "))
+        .unwrap_or_else(|| panic!("no containerd config line in:\n{stdout}"))
+        .to_string()
+}
+
+#[test]
+fn containerd_config_debian_stock_keeps_runc_and_a_second_install_changes_nothing() {
+    let f = Fixture::new();
+    let path = f.path("/etc/containerd/config.toml");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, DEBIAN_STOCK).unwrap();
+    let stock = f.dir.path().join("stock.toml");
+    fs::write(&stock, DEBIAN_STOCK).unwrap();
+    let flags = ["--write-containerd-config"];
+
+    let first = f.install(SMALL_BINARY, Some(SMALL_BINARY), &flags);
+    assert_success(&first);
+    let stderr = text(&first.stderr);
+    let shown = path.display().to_string();
+    for line in [
+        format!("rund install: {shown}: added runtime rund"),
+        format!(
+            "rund install: {shown}: added runtime runc (containerd's built-in default, which a \
+             runtimes table would otherwise replace)"
+        ),
+        "rund install: restart containerd to use its new configuration (systemctl restart \
+         containerd)"
+            .to_string(),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l == line),
+            "no {line:?} in:\n{stderr}"
+        );
+    }
+    let runtimes_line = format!(
+        "rund install: {shown}: containerd will have CRI runtimes runc (io.containerd.runc.v2), \
+         rund (io.containerd.rund.v2); default runc (read "
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with(&runtimes_line)),
+        "no {runtimes_line:?} in:\n{stderr}"
+    );
+    let edited = fs::read_to_string(&path).unwrap();
+    // The stock file first, untouched; the new tables after it.
+    assert!(edited.starts_with(DEBIAN_STOCK), "{edited}");
+    assert_rund_entry(&edited);
+    let doc: toml::Table = toml::from_str(&edited).unwrap();
+    assert_eq!(
+        doc["plugins"][CRI]["containerd"]["runtimes"]["runc"]["runtime_type"].as_str(),
+        Some("io.containerd.runc.v2")
+    );
+
+    let inode = fs::metadata(&path).unwrap().ino();
+    let second = f.install(SMALL_BINARY, Some(SMALL_BINARY), &flags);
+    assert_success(&second);
+    let stderr = text(&second.stderr);
+    assert!(
+        stderr.contains(&format!("{shown}: no change"))
+            && !stderr.contains("added runtime")
+            && !stderr.contains("restart containerd"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&runtimes_line), "{stderr}");
+    assert_eq!(fs::read(&path).unwrap(), edited.as_bytes());
+    assert_eq!(fs::metadata(&path).unwrap().ino(), inode, "rewritten");
+
+    // `rund check` reads both files the same way: the stock one lacks rund.
+    let line = check_containerd_config(&stock, None);
+    assert!(
+        line.starts_with("FAIL containerd config: ")
+            && line.contains("CRI runtimes runc (io.containerd.runc.v2); default runc")
+            && line.ends_with("no rund runtime: run `rund install --write-containerd-config`"),
+        "{line}"
+    );
+    let line = check_containerd_config(&path, None);
+    assert_eq!(
+        line.split(" (read ").next().unwrap(),
+        format!(
+            "ok   containerd config: {shown}: CRI runtimes runc (io.containerd.runc.v2), rund \
+             (io.containerd.rund.v2); default runc"
+        ),
+        "{line}"
+    );
+
+    // containerd itself: both runtimes, runc the default.
+    let Some(containerd) = containerd_or_skip() else {
+        return;
+    };
+    assert!(
+        line.contains(&format!(
+            "(read with `{} config dump`)",
+            containerd.display()
+        )),
+        "{line}"
+    );
+    let (runtimes, default) = containerd_dump(&containerd, &path);
+    assert_eq!(default, "runc");
+    assert_eq!(
+        runtimes,
+        BTreeMap::from([
+            ("runc".to_string(), "io.containerd.runc.v2".to_string()),
+            ("rund".to_string(), "io.containerd.rund.v2".to_string()),
+        ])
+    );
+    // And what the stock file gave before: runc alone, kept.
+    let (before, _) = containerd_dump(&containerd, &stock);
+    assert_eq!(before.keys().collect::<Vec<_>>(), ["runc"]);
+}
+
+#[test]
+fn containerd_config_without_containerd_is_checked_by_the_rules_and_says_so() {
+    let f = Fixture::new();
+    let empty_path = f.dir.path().join("no-binaries");
+    fs::create_dir(&empty_path).unwrap();
+    let config = f.dir.path().join("stock.toml");
+    fs::write(&config, DEBIAN_STOCK).unwrap();
+    let root = f.root();
+    let out = Command::new(RUND)
+        .args(["install", "--root", root.to_str().unwrap()])
+        .args(["--kernel", f.kernel.to_str().unwrap()])
+        .args(["--initramfs", f.initramfs.to_str().unwrap()])
+        .args(["--shim", SMALL_BINARY, "--rund", SMALL_BINARY])
+        .arg("--write-containerd-config")
+        .arg(&config)
+        .env("PATH", &empty_path)
+        .env_remove("RUND_CONFIG")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "containerd will have CRI runtimes runc (io.containerd.runc.v2), rund \
+             (io.containerd.rund.v2); default runc (read by containerd's rules as rund knows \
+             them: no containerd on PATH to ask)"
+        ),
+        "{stderr}"
+    );
+    let line = check_containerd_config(&config, empty_path.to_str());
+    assert!(
+        line.starts_with("ok   containerd config: ") && line.contains("no containerd on PATH"),
+        "{line}"
+    );
+}
+
+#[test]
+fn containerd_config_that_is_broken_or_not_toml_is_refused_untouched() {
+    let f = Fixture::new();
+    for (name, user, expected) in [
+        (
+            "not-toml.toml",
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"\n",
+            "not valid TOML",
+        ),
+        (
+            "kata-default.toml",
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+             default_runtime_name = \"kata\"\n",
+            "`default_runtime_name = \"kata\"` names a runtime the file does not define",
+        ),
+    ] {
+        let path = f.dir.path().join(name);
+        fs::write(&path, user).unwrap();
+        let out = f.install_containerd(name, false);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with(&format!("rund install: {}: ", path.display()))
+                && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), user);
+        assert!(
+            snapshot(&f.root()).is_empty(),
+            "installed despite the refusal"
+        );
+    }
+    // Nothing beside them either (no temporary copy for containerd).
+    let left: Vec<_> = fs::read_dir(f.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// `rund check --config PATH` where the configuration names a missing kernel and a present
@@ -509,6 +761,7 @@ fn check_json_is_machine_readable() {
             "config",
             "kvm",
             "containerd",
+            "containerd config",
             "shim",
             "cgroups",
             "cgroup parent",

@@ -14,8 +14,11 @@ use serde::Serialize;
 use vmm::host_check::{check_host, HardwareVirtualisation};
 
 use crate::admin::config_source::LoadedConfig;
+use crate::admin::containerd_effective::{
+    describe_runtime, EffectiveError, Reader, BUILTIN_RUNTIME,
+};
 use crate::admin::containerd_version::{self, MINIMUM};
-use crate::admin::{error_chain, BIN_DIR, SHIM_BINARY};
+use crate::admin::{error_chain, BIN_DIR, HANDLER, RUNTIME_TYPE, SHIM_BINARY};
 use crate::config::Config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -98,15 +101,19 @@ impl Report {
     }
 }
 
-/// Every check that needs only the configuration, in order. The writable layer's reflink line
-/// ([`reflink_check`]) takes the probe of the crate that makes the copies and is added by the
-/// caller.
-pub fn run_checks(loaded: &LoadedConfig) -> Report {
+/// Every check that needs only the configuration and containerd's (at `containerd_config`), in
+/// order. The writable layer's reflink line ([`reflink_check`]) takes the probe of the crate that
+/// makes the copies and is added by the caller.
+pub fn run_checks(loaded: &LoadedConfig, containerd_config: &Path) -> Report {
     let config = &loaded.config;
     let mut report = Report::default();
     report.push(CheckLine::new("config", Status::Ok, loaded.describe()));
     report.push(kvm_check());
     report.push(containerd_check());
+    report.push(containerd_config_check(
+        containerd_config,
+        &Reader::detect(),
+    ));
     report.push(shim_check());
     for line in cgroup_checks(config) {
         report.push(line);
@@ -152,6 +159,67 @@ fn containerd_check() -> CheckLine {
             format!("{version} ({line}) is older than {MINIMUM}, the oldest rund works with"),
         ),
         Err(e) => CheckLine::new("containerd", Status::Fail, error_chain(&e)),
+    }
+}
+
+/// The CRI runtimes containerd will run with, read from its configuration at `path` the way
+/// containerd reads it (a missing file: containerd's defaults): the default runtime must be among
+/// them, or the CRI plugin does not load, and so must rund.
+pub fn containerd_config_check(path: &Path, reader: &Reader) -> CheckLine {
+    let name = "containerd config";
+    let runtimes = match reader.read_file(path) {
+        Ok(runtimes) => runtimes,
+        // That error names the file already.
+        Err(e @ EffectiveError::Read { .. }) => {
+            return CheckLine::new(name, Status::Fail, error_chain(&e))
+        }
+        Err(e) => {
+            return CheckLine::new(
+                name,
+                Status::Fail,
+                format!("{}: {}", path.display(), error_chain(&e)),
+            )
+        }
+    };
+    let missing = if path.exists() {
+        ""
+    } else {
+        " does not exist, containerd's defaults"
+    };
+    let seen = format!("{}{missing}: {runtimes} ({reader})", path.display());
+    let install = "run `rund install --write-containerd-config`";
+    let mut problems = Vec::new();
+    if !runtimes.has_default() {
+        let fix = if runtimes.default == BUILTIN_RUNTIME {
+            install.to_string()
+        } else {
+            format!(
+                "define runtime {:?} or correct default_runtime_name",
+                runtimes.default
+            )
+        };
+        problems.push(format!(
+            "the default runtime {} is not among them, so containerd's CRI plugin will not load \
+             and no pod on this node starts: {fix}",
+            runtimes.default
+        ));
+    }
+    match runtimes.runtime_type(HANDLER) {
+        Some(RUNTIME_TYPE) => {}
+        None => problems.push(format!("no {HANDLER} runtime: {install}")),
+        Some(other) => problems.push(format!(
+            "runtime {} is not rund's {RUNTIME_TYPE}: {install} --force",
+            describe_runtime(HANDLER, other)
+        )),
+    }
+    if problems.is_empty() {
+        CheckLine::new(name, Status::Ok, seen)
+    } else {
+        CheckLine::new(
+            name,
+            Status::Fail,
+            format!("{seen}; {}", problems.join("; ")),
+        )
     }
 }
 
@@ -484,5 +552,87 @@ mod tests {
         fs::write(d.path().join("file"), b"").unwrap();
         let e = probe_cgroup(d.path(), Path::new("file/x"), "probe").unwrap_err();
         assert!(e.contains("file/x"), "{e}");
+    }
+
+    #[test]
+    fn containerd_config_line_needs_the_default_runtime_and_rund() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("config.toml");
+        let rund = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.rund]\n\
+                    runtime_type = \"io.containerd.rund.v2\"\n";
+        let runc = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+                    runtime_type = \"io.containerd.runc.v2\"\n";
+        let kata = "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+                    default_runtime_name = \"kata\"\n";
+        let line = |text: Option<&str>| {
+            match text {
+                Some(text) => fs::write(&path, text).unwrap(),
+                None => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+            containerd_config_check(&path, &Reader::Rules)
+        };
+
+        let missing = line(None);
+        assert_eq!(missing.status, Status::Fail);
+        for part in [
+            "does not exist, containerd's defaults",
+            "CRI runtimes runc (io.containerd.runc.v2); default runc",
+            "no rund runtime: run `rund install --write-containerd-config`",
+            "no containerd on PATH",
+        ] {
+            assert!(missing.detail.contains(part), "{part}: {}", missing.detail);
+        }
+        let stock = line(Some(crate::admin::fixtures::DEBIAN_STOCK));
+        assert_eq!(stock.status, Status::Fail);
+        assert!(stock.detail.contains("no rund runtime"), "{}", stock.detail);
+
+        // The old install's result: rund only, runc gone.
+        let rund_only = line(Some(&format!("version = 2\n{rund}")));
+        assert_eq!(rund_only.status, Status::Fail);
+        assert!(
+            rund_only
+                .detail
+                .contains("the default runtime runc is not among them")
+                && rund_only.detail.contains("CRI plugin will not load")
+                && rund_only.detail.contains("--write-containerd-config")
+                && !rund_only.detail.contains("no rund runtime"),
+            "{}",
+            rund_only.detail
+        );
+        let other_default = line(Some(&format!("version = 2\n{kata}{rund}{runc}")));
+        assert_eq!(other_default.status, Status::Fail);
+        assert!(
+            other_default
+                .detail
+                .contains("define runtime \"kata\" or correct default_runtime_name"),
+            "{}",
+            other_default.detail
+        );
+
+        let installed = line(Some(&format!("version = 2\n{rund}{runc}")));
+        assert_eq!(installed.status, Status::Ok, "{}", installed.detail);
+        assert_eq!(
+            installed.detail,
+            format!(
+                "{}: CRI runtimes runc (io.containerd.runc.v2), rund (io.containerd.rund.v2); \
+                 default runc ({})",
+                path.display(),
+                Reader::Rules
+            )
+        );
+        let kata_rund = line(Some(&format!(
+            "version = 2\n{}",
+            rund.replace("rund.v2", "kata.v2")
+        )));
+        assert!(kata_rund.detail.contains("--force"), "{}", kata_rund.detail);
+        let unreadable = line(Some("version = 2\n[x\n"));
+        assert_eq!(unreadable.status, Status::Fail);
+        assert!(
+            unreadable.detail.contains("not valid TOML"),
+            "{}",
+            unreadable.detail
+        );
     }
 }

@@ -3,9 +3,10 @@
 //! none, and optionally rund's runtime entry in containerd's configuration; all below an install
 //! root (`/` on a real host, a temporary directory in tests).
 //!
-//! Every source and the containerd edit are checked before anything is written, so a refusal
-//! leaves the host as it was. Each file is put in place atomically and left alone when it
-//! already holds the same bytes: running the install twice changes nothing the second time.
+//! Every source and the containerd edit are checked before anything is written (the edit the way
+//! containerd will read it: see [`PlannedEdit`]), so a refusal leaves the host as it was. Each
+//! file is put in place atomically and left alone when it already holds the same bytes: running
+//! the install twice changes nothing the second time.
 
 use std::fmt;
 use std::io;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::admin::atomic_file::{self, AtomicFileError, Outcome};
 use crate::admin::config_source::LoadedConfig;
 use crate::admin::containerd_config::{self, Change, ContainerdConfigError, PlannedEdit};
+use crate::admin::containerd_effective::{CriRuntimes, Reader};
 use crate::admin::{rooted, runtime_class, ADMIN_BINARY, BIN_DIR, SHIM_BINARY};
 use crate::config::{Config, ConfigError};
 
@@ -49,7 +51,7 @@ pub struct InstallOptions {
 pub enum InstallError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("finding the running rund binary: {0}")]
+    #[error("finding the running rund binary")]
     CurrentExe(#[source] io::Error),
     #[error("{what} {path} is not a file: pass {flag} PATH")]
     MissingSource {
@@ -63,8 +65,8 @@ pub enum InstallError {
         dest: PathBuf,
         flag: &'static str,
     },
-    #[error("serialising the default configuration: {0}")]
-    DefaultConfig(#[from] toml::ser::Error),
+    #[error("serialising the default configuration")]
+    DefaultConfig(#[source] toml::ser::Error),
     #[error(transparent)]
     Containerd(#[from] ContainerdConfigError),
     #[error(transparent)]
@@ -74,12 +76,32 @@ pub enum InstallError {
 /// One thing the install did (or found done).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    Copied { from: PathBuf, to: PathBuf },
+    Copied {
+        from: PathBuf,
+        to: PathBuf,
+    },
     UpToDate(PathBuf),
-    KeptGuestFile { what: &'static str, path: PathBuf },
+    KeptGuestFile {
+        what: &'static str,
+        path: PathBuf,
+    },
     WroteDefaultConfig(PathBuf),
     KeptConfig(PathBuf),
-    Containerd { path: PathBuf, change: Change },
+    /// One change to containerd's configuration.
+    Containerd {
+        path: PathBuf,
+        change: Change,
+    },
+    /// containerd's configuration has rund and needs nothing else.
+    ContainerdUnchanged(PathBuf),
+    /// The CRI runtimes containerd will have with the configuration, and how that was found.
+    ContainerdRuntimes {
+        path: PathBuf,
+        runtimes: CriRuntimes,
+        reader: Reader,
+    },
+    /// containerd reads its configuration at start only.
+    RestartContainerd,
 }
 
 impl fmt::Display for Step {
@@ -96,16 +118,25 @@ impl fmt::Display for Step {
                 write!(f, "wrote the default configuration to {}", path.display())
             }
             Step::KeptConfig(path) => write!(f, "{} exists: kept", path.display()),
-            Step::Containerd { path, change } => {
-                write!(f, "{}: {}", path.display(), change.describe())?;
-                if *change != Change::Unchanged {
-                    write!(
-                        f,
-                        "; restart containerd to use it (systemctl restart containerd)"
-                    )?;
-                }
-                Ok(())
-            }
+            Step::Containerd { path, change } => write!(f, "{}: {change}", path.display()),
+            Step::ContainerdUnchanged(path) => write!(
+                f,
+                "{}: no change: it has the rund runtime already",
+                path.display()
+            ),
+            Step::ContainerdRuntimes {
+                path,
+                runtimes,
+                reader,
+            } => write!(
+                f,
+                "{}: containerd will have {runtimes} ({reader})",
+                path.display()
+            ),
+            Step::RestartContainerd => write!(
+                f,
+                "restart containerd to use its new configuration (systemctl restart containerd)"
+            ),
         }
     }
 }
@@ -113,7 +144,8 @@ impl fmt::Display for Step {
 #[derive(Debug)]
 pub struct InstallReport {
     pub steps: Vec<Step>,
-    /// containerd's runtime entry (config version 2), for a configuration edited by hand.
+    /// containerd's runtime entries (config version 2: rund's and the built-in runc's), for a
+    /// configuration edited by hand.
     pub containerd_snippet: String,
     /// The Kubernetes RuntimeClass.
     pub runtime_class: String,
@@ -166,9 +198,9 @@ pub fn install(options: &InstallOptions) -> Result<InstallReport, InstallError> 
     let containerd_edit = options
         .containerd_config
         .as_deref()
-        .map(|path| PlannedEdit::plan(path, options.force))
+        .map(|path| PlannedEdit::plan(path, options.force, Reader::detect()))
         .transpose()?;
-    let default_config = default_config_text()?;
+    let default_config = default_config_text().map_err(InstallError::DefaultConfig)?;
 
     // Everything is checked: from here on, only writes.
     for copy in copies {
@@ -192,11 +224,25 @@ pub fn install(options: &InstallOptions) -> Result<InstallReport, InstallError> 
         );
     }
     if let Some(edit) = containerd_edit {
-        let change = edit.apply()?;
-        steps.push(Step::Containerd {
+        edit.apply()?;
+        if edit.changes.is_empty() {
+            steps.push(Step::ContainerdUnchanged(edit.path.clone()));
+        }
+        for &change in &edit.changes {
+            steps.push(Step::Containerd {
+                path: edit.path.clone(),
+                change,
+            });
+        }
+        let restart = !edit.changes.is_empty();
+        steps.push(Step::ContainerdRuntimes {
             path: edit.path,
-            change,
+            runtimes: edit.after,
+            reader: edit.reader,
         });
+        if restart {
+            steps.push(Step::RestartContainerd);
+        }
     }
     Ok(InstallReport {
         steps,
@@ -269,15 +315,31 @@ mod tests {
 
     #[test]
     fn steps_say_what_happened() {
+        let path = PathBuf::from("/etc/containerd/config.toml");
         let step = Step::Containerd {
-            path: PathBuf::from("/etc/containerd/config.toml"),
-            change: Change::Added,
+            path: path.clone(),
+            change: Change::AddedBuiltin,
         };
-        assert!(step.to_string().contains("restart containerd"), "{step}");
-        let step = Step::Containerd {
-            path: PathBuf::from("/etc/containerd/config.toml"),
-            change: Change::Unchanged,
+        assert_eq!(
+            step.to_string(),
+            "/etc/containerd/config.toml: added runtime runc (containerd's built-in default, \
+             which a runtimes table would otherwise replace)"
+        );
+        let step = Step::ContainerdRuntimes {
+            path: path.clone(),
+            runtimes: CriRuntimes::builtin(),
+            reader: Reader::Containerd(PathBuf::from("/usr/bin/containerd")),
         };
-        assert!(!step.to_string().contains("restart"), "{step}");
+        assert_eq!(
+            step.to_string(),
+            "/etc/containerd/config.toml: containerd will have CRI runtimes runc \
+             (io.containerd.runc.v2); default runc (read with `/usr/bin/containerd config dump`)"
+        );
+        assert!(Step::ContainerdUnchanged(path)
+            .to_string()
+            .contains("no change"));
+        assert!(Step::RestartContainerd
+            .to_string()
+            .contains("systemctl restart containerd"));
     }
 }

@@ -8,6 +8,7 @@ pub mod atomic_file;
 pub mod check;
 pub mod config_source;
 pub mod containerd_config;
+pub mod containerd_effective;
 pub mod containerd_version;
 pub mod install;
 pub mod runtime_class;
@@ -40,6 +41,33 @@ pub fn rooted(root: &Path, path: &Path) -> PathBuf {
 }
 
 pub use vmm::error_chain;
+
+/// What the unit tests of the containerd modules share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::PathBuf;
+
+    use super::containerd_effective::Reader;
+
+    /// Debian 12's stock /etc/containerd/config.toml (containerd 1.6.20~ds1-1+deb12u3).
+    pub const DEBIAN_STOCK: &str = include_str!("../../testdata/debian-stock.toml");
+
+    /// The containerd on PATH, or `None` after printing why the test is skipped.
+    /// RUND_REQUIRE_ROOT_TESTS=1 (CI, which installs containerd) makes its absence a failure.
+    pub fn containerd_or_skip() -> Option<PathBuf> {
+        match Reader::detect() {
+            Reader::Containerd(bin) => Some(bin),
+            Reader::Rules => {
+                let reason = "no `containerd` on PATH";
+                if std::env::var("RUND_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+                    panic!("{reason}, and RUND_REQUIRE_ROOT_TESTS=1");
+                }
+                eprintln!("SKIPPED: {reason}");
+                None
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

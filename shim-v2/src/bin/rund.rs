@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install the binaries, the guest kernel and the agent initramfs; print containerd's runtime
-    /// entry and the Kubernetes RuntimeClass.
+    /// entries and the Kubernetes RuntimeClass.
     Install(InstallArgs),
     /// Check whether this host can run sandboxes (exit status 1 when it cannot).
     Check(CheckArgs),
@@ -51,8 +51,9 @@ struct InstallArgs {
     /// The rund binary [default: this one].
     #[arg(long, value_name = "PATH")]
     rund: Option<PathBuf>,
-    /// Add the rund runtime to containerd's configuration [default PATH:
-    /// <root>/etc/containerd/config.toml].
+    /// Add the rund runtime to containerd's configuration, and runc's when the file relied on
+    /// containerd's built-in one; checked with `containerd config dump` when containerd is on
+    /// PATH [default PATH: <root>/etc/containerd/config.toml].
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
     write_containerd_config: Option<Option<PathBuf>>,
     /// Replace a different `rund` runtime in containerd's configuration.
@@ -65,6 +66,9 @@ struct CheckArgs {
     /// The configuration to check against [default: $RUND_CONFIG, else /etc/rund/config.toml].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// containerd's configuration, read as containerd reads it.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTAINERD_CONFIG)]
+    containerd_config: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -90,8 +94,12 @@ fn run_install(args: InstallArgs) -> ExitCode {
                 eprintln!("rund install: {step}");
             }
             println!(
-                "# containerd: rund's runtime entry (config version 2, containerd 1.6+); \
-                 `--write-containerd-config` adds it to /etc/containerd/config.toml"
+                "# containerd: rund's runtime entry and runc's (config version 2, containerd \
+                 1.6+); `--write-containerd-config` adds them to /etc/containerd/config.toml"
+            );
+            println!(
+                "# A runtimes table replaces containerd's built-in runc, the default runtime: \
+                 keep runc's entry unless the file defines runc."
             );
             print!("{}", report.containerd_snippet);
             println!("---");
@@ -109,7 +117,7 @@ fn run_install(args: InstallArgs) -> ExitCode {
 fn run_check(args: CheckArgs) -> ExitCode {
     let report = match LoadedConfig::load(args.config.as_deref(), "/".as_ref()) {
         Ok(loaded) => {
-            let mut report = check::run_checks(&loaded);
+            let mut report = check::run_checks(&loaded, &args.containerd_config);
             report.push(check::reflink_check(
                 &loaded.config.writable_layer.dir,
                 rootfs_split::reflink_supported,
