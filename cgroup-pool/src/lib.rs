@@ -17,7 +17,8 @@
 //!   refill thread resets the limits, reclaims memory and returns the slot;
 //! - a background refill keeps the pool between two watermarks; a dry pool makes a cgroup on the
 //!   spot (counted); a platform-dictated parent (Kubernetes' `cgroupsPath`) gets a cgroup made
-//!   there ([`CgroupPool::acquire_at`], counted as a bypass);
+//!   there ([`CgroupPool::acquire_at`], counted as a bypass), its missing parents made and its
+//!   controllers switched on as runc does ([`dictated`]);
 //! - on start, [`reconcile`] adopts or reclaims what a crashed process left, and never touches a
 //!   cgroup with tasks or one rund did not make (marked with a `trusted.` xattr).
 //!
@@ -25,6 +26,7 @@
 
 pub mod cgroupfs;
 pub mod config;
+pub mod dictated;
 pub mod handle;
 pub mod hierarchy;
 pub mod limits;

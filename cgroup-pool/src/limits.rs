@@ -450,6 +450,23 @@ pub fn copy_cpuset_from_parent(dir: &Path) -> Result<(), CgroupFsError> {
     Ok(())
 }
 
+/// runc's way with a v1 cpuset on the way to a cgroup: each of cpus and mems left empty gets the
+/// parent's (a cpuset without them takes no task, and neither can its children); one already
+/// set is kept. Top-down, so the parent has been filled first.
+pub fn fill_cpuset_if_empty(dir: &Path) -> Result<(), CgroupFsError> {
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = cgroupfs::read_to_string(&dir.join(file))?;
+        if own.trim().is_empty() {
+            let value = cgroupfs::read_to_string(&parent.join(file))?;
+            cgroupfs::write(&dir.join(file), value.trim())?;
+        }
+    }
+    Ok(())
+}
+
 /// Best effort, before a released cgroup goes back to the pool: a memory cgroup keeps the page
 /// cache its last holder charged to it, and the next sandbox would start with that usage counted
 /// against its limit. v1: `memory.force_empty`; v2: `memory.reclaim` (Linux 5.19+) of the usage.

@@ -16,6 +16,7 @@ use oci_spec::runtime::LinuxResources;
 
 use crate::cgroupfs::{self, CgroupFsError};
 use crate::config::{self, ConfigError, PoolConfig, Recycle, V1Claim};
+use crate::dictated::{self, DictatedError, MadeParents};
 use crate::handle::{log_ignored, SandboxCgroup};
 use crate::hierarchy::{CgroupDirs, CgroupVersion, Hierarchy, HierarchyError};
 use crate::limits::{self, copy_cpuset_from_parent, LimitsError, WriteCount};
@@ -64,8 +65,8 @@ pub enum PoolError {
         count: usize,
         example: u32,
     },
-    #[error("the dictated parent cgroup {path} does not exist (the platform makes it before the sandbox)")]
-    DictatedParentMissing { path: PathBuf },
+    #[error(transparent)]
+    Dictated(#[from] DictatedError),
     #[error("cgroup {path} already exists; rund will not take over a cgroup it did not make")]
     DictatedExists { path: PathBuf },
     #[error("sandbox {id}'s cgroup is a {found} cgroup but this pool uses {pool}")]
@@ -158,6 +159,26 @@ pub(crate) enum SlotClaim {
     File,
 }
 
+/// Where a dictated cgroup goes: `cgroup` and its `parent`, relative to each mount point, and the
+/// v2 controllers its limits need.
+struct Place<'a> {
+    cgroup: &'a Path,
+    parent: &'a Path,
+    needed: Vec<&'static str>,
+}
+
+impl Place<'_> {
+    fn prepare(&self, hierarchy: &Hierarchy, made: &mut MadeParents) -> Result<Parent, PoolError> {
+        Ok(dictated::prepare(
+            hierarchy,
+            self.parent,
+            self.cgroup,
+            &self.needed,
+            made,
+        )?)
+    }
+}
+
 /// How one recycle went.
 enum Recycled {
     Done,
@@ -199,7 +220,8 @@ impl CgroupPool {
         let shape = match &config.default_shape {
             Some(res) => {
                 let limits = Limits::from_oci(res, hierarchy.version)?;
-                check_controllers(&hierarchy, &parent, &limits, &parent.child_controllers)?;
+                let dir = hierarchy.mounts[0].mount_point.join(&parent.relative);
+                check_controllers(&hierarchy, &dir, &limits, &parent.child_controllers)?;
                 Some(limits)
             }
             None => None,
@@ -309,7 +331,10 @@ impl CgroupPool {
 
     /// Makes `id`'s cgroup at the platform's `cgroups_path` (cgroupfs form, e.g.
     /// `/kubepods/burstable/pod<uid>/<id>`) instead of taking one from the pool, so the pod's
-    /// accounting and limits stay right. Counted as a bypass and logged.
+    /// accounting and limits stay right. Missing parents (containerd's `/k8s.io` for a pod
+    /// without a cgroup parent) are made, and on v2 the controllers switched on down to it, as
+    /// runc does; they stay the platform's (see [`crate::dictated`]). Counted as a bypass and
+    /// logged.
     pub fn acquire_at(
         &self,
         id: &SandboxId,
@@ -632,13 +657,16 @@ impl PoolCore {
         }
     }
 
-    /// The controllers a limit needs must exist before anything is claimed.
+    /// The controllers a limit needs must exist before anything is claimed; `parent` (relative)
+    /// is the cgroup whose children get `child_controllers` on v2.
     fn check_controllers(
         &self,
         limits: &Limits,
+        parent: &Path,
         child_controllers: &[String],
     ) -> Result<(), PoolError> {
-        check_controllers(&self.hierarchy, &self.parent, limits, child_controllers)
+        let dir = self.hierarchy.mounts[0].mount_point.join(parent);
+        check_controllers(&self.hierarchy, &dir, limits, child_controllers)
     }
 
     fn acquire(
@@ -647,7 +675,11 @@ impl PoolCore {
         resources: &LinuxResources,
     ) -> Result<SandboxCgroup, PoolError> {
         let limits = Limits::from_oci(resources, self.hierarchy.version)?;
-        self.check_controllers(&limits, &self.parent.child_controllers)?;
+        self.check_controllers(
+            &limits,
+            &self.parent.relative,
+            &self.parent.child_controllers,
+        )?;
         log_ignored(id, &limits);
         let _lock = self.state.lock_shared()?;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
@@ -802,22 +834,64 @@ impl PoolCore {
         let relative = config::cgroup_relative_path(cgroups_path)?;
         let limits = Limits::from_oci(resources, self.hierarchy.version)?;
         let parent_rel = relative.parent().unwrap_or(Path::new("")).to_path_buf();
-        for m in &self.hierarchy.mounts {
-            let p = m.mount_point.join(&parent_rel);
-            if !p.is_dir() {
-                return Err(PoolError::DictatedParentMissing { path: p });
-            }
+        if self.hierarchy.version == CgroupVersion::V1 {
+            // On v1 the mounts alone say it: refuse before making anything.
+            self.check_controllers(&limits, &parent_rel, &[])?;
         }
-        // The platform owns that tree: read what its parent enables, change nothing there.
-        let parent = parent::existing(&self.hierarchy, &parent_rel, false)?;
-        self.check_controllers(&limits, &parent.child_controllers)?;
         log_ignored(id, &limits);
         let _lock = self.state.lock_shared()?;
-        let dirs = self.hierarchy.dirs_of(&relative, &parent.child_controllers);
+        let mut made = MadeParents::default();
+        let result = self.place_dictated(id, &relative, &parent_rel, &limits, &mut made);
+        match result {
+            Ok(cgroup) => {
+                let n = self.counters.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
+                if !made.dirs().is_empty() {
+                    log::info!(
+                        "cgroup-pool: made the platform's parent cgroups {:?} for sandbox {id} (left in place on release, as runc does)",
+                        made.dirs()
+                    );
+                }
+                log::info!(
+                    "cgroup-pool: sandbox {id} placed in the platform's cgroup {} (pool bypass #{n}); set rund's parent in the platform to use the pool",
+                    relative.display()
+                );
+                Ok(cgroup)
+            }
+            Err(e) => {
+                made.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the dictated cgroup `relative` (its parents as runc would, in `made`), records it
+    /// and applies `limits`. On an error the sandbox's cgroup and record are gone again; the
+    /// caller takes back `made`.
+    fn place_dictated(
+        &self,
+        id: &SandboxId,
+        relative: &Path,
+        parent_rel: &Path,
+        limits: &Limits,
+        made: &mut MadeParents,
+    ) -> Result<SandboxCgroup, PoolError> {
+        let place = Place {
+            cgroup: relative,
+            parent: parent_rel,
+            needed: match self.hierarchy.version {
+                CgroupVersion::V1 => Vec::new(),
+                CgroupVersion::V2 => limits.controllers(),
+            },
+        };
+        let parent = place.prepare(&self.hierarchy, made)?;
+        if self.hierarchy.version == CgroupVersion::V2 {
+            self.check_controllers(limits, parent_rel, &parent.child_controllers)?;
+        }
+        let dirs = self.hierarchy.dirs_of(relative, &parent.child_controllers);
         let record = SandboxRecord {
             sandbox_id: id.clone(),
             placement: Placement::Dictated {
-                path: relative.clone(),
+                path: relative.to_path_buf(),
             },
             dirs,
         };
@@ -825,36 +899,53 @@ impl PoolCore {
             StateError::AlreadyRecorded(id) => PoolError::AlreadyHeld(id),
             e => e.into(),
         })?;
-        let made = self.make_dictated(id, &record.dirs);
-        let result = made.and_then(|()| Ok(limits::apply(&record.dirs, &limits)?));
+        let mut own = Vec::new();
+        let result = self
+            .make_dictated(id, &record.dirs, &place, made, &mut own)
+            .and_then(|()| Ok(limits::apply(&record.dirs, limits)?));
         if let Err(e) = result {
-            for d in record.dirs.dirs.iter().rev() {
-                if let Ok(Some(Marker::Bypass(owner))) = cgroupfs::read_marker(&d.path) {
-                    if &owner == id {
-                        let _ = cgroupfs::rmdir(&d.path);
-                    }
+            for dir in own.iter().rev() {
+                if let Err(e) = cgroupfs::rmdir(dir) {
+                    log::warn!("cgroup-pool: after a failed acquire: {e}");
                 }
             }
             self.state.remove_record(id)?;
             return Err(e);
         }
-        let n = self.counters.bypassed.fetch_add(1, Ordering::Relaxed) + 1;
-        log::info!(
-            "cgroup-pool: sandbox {id} placed in the platform's cgroup {} (pool bypass #{n}); set rund's parent in the platform to use the pool",
-            relative.display()
-        );
         Ok(SandboxCgroup::new(record))
     }
 
-    fn make_dictated(&self, id: &SandboxId, dirs: &CgroupDirs) -> Result<(), PoolError> {
+    /// Makes the sandbox's own directories in the prepared parent (each one made goes in `own`),
+    /// marked as its bypass cgroup.
+    fn make_dictated(
+        &self,
+        id: &SandboxId,
+        dirs: &CgroupDirs,
+        place: &Place<'_>,
+        made: &mut MadeParents,
+        own: &mut Vec<PathBuf>,
+    ) -> Result<(), PoolError> {
         for d in &dirs.dirs {
-            if let Err(e) = cgroupfs::mkdir(&d.path) {
-                if cgroupfs::is_already_exists(&e) {
-                    return Err(PoolError::DictatedExists {
-                        path: d.path.clone(),
-                    });
+            let mut attempt = 1;
+            loop {
+                match cgroupfs::mkdir(&d.path) {
+                    Ok(()) => {
+                        own.push(d.path.clone());
+                        break;
+                    }
+                    Err(e) if cgroupfs::is_already_exists(&e) => {
+                        return Err(PoolError::DictatedExists {
+                            path: d.path.clone(),
+                        });
+                    }
+                    // The parent went since it was prepared (a failed acquire next door took
+                    // back an empty ancestor it had made): make it again.
+                    Err(e) if cgroupfs::is_not_found(&e) && attempt < dictated::MAX_ATTEMPTS => {
+                        attempt += 1;
+                        place.prepare(&self.hierarchy, made)?;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                return Err(e.into());
             }
             cgroupfs::set_marker(&d.path, &Marker::Bypass(id.clone()))?;
             if self.hierarchy.version == CgroupVersion::V1
@@ -951,10 +1042,11 @@ impl PoolCore {
     }
 }
 
-/// The controllers a limit needs must exist before anything is claimed.
+/// The controllers a limit needs must exist before anything is claimed. `parent_dir` is the
+/// cgroup whose `cgroup.subtree_control` gave `child_controllers` (v2), named in the error.
 fn check_controllers(
     hierarchy: &Hierarchy,
-    parent: &Parent,
+    parent_dir: &Path,
     limits: &Limits,
     child_controllers: &[String],
 ) -> Result<(), PoolError> {
@@ -970,11 +1062,7 @@ fn check_controllers(
             return Err(LimitsError::MissingController {
                 controller,
                 version: hierarchy.version,
-                path: hierarchy
-                    .mounts
-                    .first()
-                    .map(|m| m.mount_point.join(&parent.relative))
-                    .unwrap_or_default(),
+                path: parent_dir.to_path_buf(),
             }
             .into());
         }

@@ -251,3 +251,67 @@ fn v1_file_claims_reconcile_after_a_crash() {
         scenarios::reconcile_claim_files(&env);
     }
 }
+
+fn pids10() -> cgroup_pool::LinuxResources {
+    LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(10i64).build().unwrap())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn v1_dictated_parents_are_made_like_runc() {
+    if let Some(env) = env(&["cpuset", "pids"]) {
+        scenarios::dictated_parents_are_made(&env, &pids10(), true);
+    }
+}
+
+#[test]
+fn v1_failed_dictated_acquire_leaves_nothing() {
+    if let Some(env) = env(&["cpuset"]) {
+        scenarios::failed_dictated_acquire_leaves_nothing(&env);
+    }
+}
+
+#[test]
+fn v1_concurrent_dictated_acquires_under_new_parents() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::concurrent_dictated_under_new_parents(&env, &pids10());
+    }
+}
+
+/// A platform parent that exists but whose cpuset was never filled (made by a plain mkdir):
+/// filled from its parent, as runc does, or no task could join the sandbox's cgroup below it.
+#[test]
+fn v1_dictated_parent_with_an_empty_cpuset_is_filled() {
+    let Some(env) = env(&["cpuset"]) else {
+        return;
+    };
+    let (pool, _) = CgroupPool::start(env.config(), &common::is_alive_none).unwrap();
+    let cpuset_mount = env.mounts.iter().find(|m| m.ends_with("cpuset")).unwrap();
+    let plat = env.sibling("bare");
+    for mount in &env.mounts {
+        std::fs::create_dir(mount.join(&plat)).unwrap();
+    }
+    assert_eq!(read(&cpuset_mount.join(&plat).join("cpuset.cpus")), "");
+    let sb = id("bare-1");
+    let cg = pool
+        .acquire_at(&sb, &format!("/{plat}/{sb}"), &no_limits())
+        .unwrap();
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        assert_eq!(
+            read(&cpuset_mount.join(&plat).join(file)),
+            read(&cpuset_mount.join(file))
+        );
+    }
+    let mut child = Sleeper::spawn();
+    cg.attach_process(child.pid()).unwrap();
+    child.kill();
+    pool.release(&sb).unwrap();
+    assert_eq!(
+        cgroupfs::read_marker(&cpuset_mount.join(&plat)).unwrap(),
+        None,
+        "still the platform's"
+    );
+    pool.drain().unwrap();
+}

@@ -6,7 +6,7 @@
 mod common;
 
 use cgroup_pool::naming::Marker;
-use cgroup_pool::{cgroupfs, CgroupPool, CgroupVersion, Placement};
+use cgroup_pool::{cgroupfs, CgroupPool, CgroupVersion, Placement, PoolError};
 use common::scenarios::{self, exists_all, make_foreign, no_limits, tasks_in};
 use common::{id, read, Sleeper, TestEnv};
 use oci_spec::runtime::{LinuxPidsBuilder, LinuxResourcesBuilder};
@@ -202,4 +202,215 @@ fn v2_reconcile_claims_after_a_crash() {
     if let Some(env) = env(&["pids"]) {
         scenarios::reconcile_claim_files(&env);
     }
+}
+
+fn pids10() -> cgroup_pool::LinuxResources {
+    LinuxResourcesBuilder::default()
+        .pids(LinuxPidsBuilder::default().limit(10i64).build().unwrap())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn v2_dictated_parents_are_made_like_runc() {
+    if let Some(env) = env(&[]) {
+        scenarios::dictated_parents_are_made(&env, &no_limits(), false);
+    }
+}
+
+#[test]
+fn v2_dictated_parents_are_made_with_limits() {
+    if let Some(env) = env(&["pids"]) {
+        scenarios::dictated_parents_are_made(&env, &pids10(), true);
+    }
+}
+
+#[test]
+fn v2_failed_dictated_acquire_leaves_nothing() {
+    if let Some(env) = env(&["cpuset"]) {
+        scenarios::failed_dictated_acquire_leaves_nothing(&env);
+    }
+}
+
+#[test]
+fn v2_concurrent_dictated_acquires_under_new_parents() {
+    if let Some(env) = env(&[]) {
+        scenarios::concurrent_dictated_under_new_parents(&env, &no_limits());
+    }
+    if let Some(env) = env(&["pids"]) {
+        scenarios::concurrent_dictated_under_new_parents(&env, &pids10());
+    }
+}
+
+/// A platform parent made without controllers (a plain mkdir, nothing in its
+/// cgroup.subtree_control, nor in its child's): switched on from the root down, as runc does,
+/// and the limits land.
+#[test]
+fn v2_dictated_parent_with_controllers_off_gets_them() {
+    let Some(env) = env(ALL) else {
+        return;
+    };
+    let (pool, _) = CgroupPool::start(env.config(), &common::is_alive_none).unwrap();
+    let root = &env.mounts[0];
+    let plat = env.sibling("plat");
+    let pod = root.join(&plat).join("pod");
+    std::fs::create_dir_all(&pod).unwrap();
+    for d in [root.join(&plat), pod.clone()] {
+        assert_eq!(read(&d.join("cgroup.subtree_control")), "");
+    }
+    let res = LinuxResourcesBuilder::default()
+        .cpu(
+            oci_spec::runtime::LinuxCpuBuilder::default()
+                .shares(512u64)
+                .build()
+                .unwrap(),
+        )
+        .memory(
+            oci_spec::runtime::LinuxMemoryBuilder::default()
+                .limit(64i64 << 20)
+                .build()
+                .unwrap(),
+        )
+        .pids(LinuxPidsBuilder::default().limit(10i64).build().unwrap())
+        .build()
+        .unwrap();
+    let sb = id("off-1");
+    let cg = pool
+        .acquire_at(&sb, &format!("/{plat}/pod/{sb}"), &res)
+        .unwrap();
+    for d in [root.join(&plat), pod.clone()] {
+        let on = read(&d.join("cgroup.subtree_control"));
+        for c in ALL {
+            assert!(on.split_whitespace().any(|w| w == *c), "{c} in {on:?}");
+        }
+    }
+    let leaf = pod.join(sb.as_str());
+    assert_eq!(read(&leaf.join("pids.max")), "10");
+    assert_eq!(read(&leaf.join("memory.max")), (64u64 << 20).to_string());
+    assert_eq!(read(&leaf.join("cpu.weight")), "59");
+    let mut child = Sleeper::spawn();
+    cg.attach_process(child.pid()).unwrap();
+    child.kill();
+    pool.release(&sb).unwrap();
+    assert!(!leaf.exists() && pod.is_dir());
+    pool.drain().unwrap();
+}
+
+/// A dictated parent with a process of its own cannot switch controllers on for its children
+/// (cgroup v2's no-internal-processes rule): an error naming its cgroup.subtree_control, the
+/// dictated cgroup and a pid, nothing made. Without limits the sandbox still gets its cgroup
+/// there (without controllers, as with runc), and a process can join it.
+#[test]
+fn v2_dictated_parent_with_a_process_is_a_clear_error() {
+    let Some(env) = env(&["pids"]) else {
+        return;
+    };
+    let (pool, _) = CgroupPool::start(env.config(), &common::is_alive_none).unwrap();
+    let root = &env.mounts[0];
+    let plat = env.sibling("busy");
+    let busy = root.join(&plat);
+    std::fs::create_dir(&busy).unwrap();
+    let sleeper = Sleeper::spawn();
+    std::fs::write(busy.join("cgroup.procs"), sleeper.pid().to_string()).unwrap();
+    for path in [format!("/{plat}/sb-1"), format!("/{plat}/new/sb-1")] {
+        let err = pool.acquire_at(&id("sb-1"), &path, &pids10()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                PoolError::Dictated(cgroup_pool::dictated::DictatedError::Parent(
+                    cgroup_pool::parent::ParentError::InternalProcesses { .. }
+                ))
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        for part in [
+            busy.join("cgroup.subtree_control").display().to_string(),
+            root.join(path.trim_start_matches('/'))
+                .display()
+                .to_string(),
+            format!("pid {}", sleeper.pid()),
+            "processes of its own".to_string(),
+        ] {
+            assert!(msg.contains(&part), "{part:?} in {msg}");
+        }
+        assert!(!busy.join("sb-1").exists() && !busy.join("new").exists());
+        assert!(pool.find(&id("sb-1")).unwrap().is_none());
+    }
+    assert_eq!(read(&busy.join("cgroup.subtree_control")), "", "nothing on");
+    assert_eq!(tasks_in(&busy), sleeper.pid().to_string());
+
+    let cg = pool
+        .acquire_at(&id("sb-2"), &format!("/{plat}/sb-2"), &no_limits())
+        .unwrap();
+    let mut child = Sleeper::spawn();
+    cg.attach_process(child.pid()).unwrap();
+    child.kill();
+    pool.release(&id("sb-2")).unwrap();
+    assert!(busy.is_dir(), "the platform's, not removed");
+    pool.drain().unwrap();
+}
+
+/// A limit whose controller the cgroup2 root does not offer (on a hybrid host, where the v1
+/// hierarchies hold the controllers) names the cgroup whose cgroup.controllers was read, not
+/// rund's parent.
+#[test]
+fn v2_dictated_missing_controller_names_the_cgroup_read() {
+    let Some(env) = env(&[]) else {
+        return;
+    };
+    let root = env.mounts[0].clone();
+    let offered = read(&root.join("cgroup.controllers"));
+    let Some(absent) = ["pids", "memory", "cpu"]
+        .into_iter()
+        .find(|c| !offered.split_whitespace().any(|o| o == *c))
+    else {
+        eprintln!(
+            "SKIPPED: the cgroup2 at {} offers every controller",
+            root.display()
+        );
+        return;
+    };
+    let res = match absent {
+        "pids" => pids10(),
+        "memory" => LinuxResourcesBuilder::default()
+            .memory(
+                oci_spec::runtime::LinuxMemoryBuilder::default()
+                    .limit(64i64 << 20)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap(),
+        _ => LinuxResourcesBuilder::default()
+            .cpu(
+                oci_spec::runtime::LinuxCpuBuilder::default()
+                    .shares(512u64)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap(),
+    };
+    let (pool, _) = CgroupPool::start(env.config(), &common::is_alive_none).unwrap();
+    let plat = env.sibling("k8s.io");
+    let err = pool
+        .acquire_at(&id("sb"), &format!("/{plat}/sb"), &res)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("{absent} controller"))
+            && msg.contains(&format!("cgroup {} ", root.display()))
+            && msg.contains(&root.join(&plat).join("sb").display().to_string()),
+        "{msg}"
+    );
+    // rund's parent is not named (its name only appears as the start of the sibling's).
+    let own = env.parent_dirs()[0].display().to_string();
+    assert!(
+        msg.match_indices(&own)
+            .all(|(i, _)| msg[i + own.len()..].starts_with('-')),
+        "{msg}"
+    );
+    assert!(!root.join(&plat).exists(), "nothing made");
+    pool.drain().unwrap();
 }

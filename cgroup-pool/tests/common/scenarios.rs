@@ -286,8 +286,9 @@ pub fn dry_pool_falls_back(env: &TestEnv) {
     pool.drain().unwrap();
 }
 
-/// A platform-dictated parent: the cgroup is made there (bypass, counted), with its limits, and
-/// removed on release. A missing parent and a systemd-style path are clear errors.
+/// A platform-dictated parent (the kubelet's pod cgroup, made beforehand): the cgroup is made
+/// there (bypass, counted), with its limits, and removed on release; the pod cgroup stays. A
+/// systemd-style path is a clear error. (Missing parents: [`dictated_parents_are_made`].)
 pub fn dictated_parent_bypasses(env: &TestEnv, resources: &LinuxResources, pids_limit: bool) {
     let (pool, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
     // What the kubelet would have made: a pod cgroup under a QoS cgroup.
@@ -331,16 +332,9 @@ pub fn dictated_parent_bypasses(env: &TestEnv, resources: &LinuxResources, pids_
     pool.release(&sb).unwrap();
     for p in cg.paths() {
         assert!(!p.exists(), "{} removed on release", p.display());
+        assert!(p.parent().unwrap().is_dir(), "the pod cgroup stays");
     }
 
-    let err = pool
-        .acquire_at(&id("x"), &format!("/{kube}/no-such-pod/x"), &no_limits())
-        .unwrap_err();
-    assert!(
-        matches!(err, PoolError::DictatedParentMissing { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("no-such-pod"), "{err}");
     let err = pool
         .acquire_at(&id("x"), "kubepods.slice:cri-containerd:x", &no_limits())
         .unwrap_err();
@@ -745,4 +739,171 @@ pub fn reconcile_claim_files(env: &TestEnv) {
     for p in env.parent_dirs() {
         assert!(!p.exists(), "drain removed {}", p.display());
     }
+}
+
+/// The mount point of `dir`'s hierarchy among the test's mounts.
+fn mount_of<'a>(env: &'a TestEnv, dir: &Path) -> &'a Path {
+    env.mounts
+        .iter()
+        .find(|m| dir.starts_with(m))
+        .unwrap_or_else(|| panic!("{} is in none of {:?}", dir.display(), env.mounts))
+}
+
+/// containerd without a pod cgroup parent dictates `/k8s.io/<id>`, and nothing has made
+/// `/k8s.io`: the missing parents are made as runc makes them (in every hierarchy; v1 cpusets
+/// filled from their parents; unmarked: the platform's), the sandbox's cgroup works (a process
+/// joins it, the limits are in), release removes it and leaves the parents. After a killed
+/// shim, reconcile removes the sandbox's cgroup and leaves the parents too, and so does drain.
+pub fn dictated_parents_are_made(env: &TestEnv, resources: &LinuxResources, pids_limit: bool) {
+    let (pool, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    let k8s = env.sibling("k8s.io");
+    let made = [k8s.clone(), format!("{k8s}/a"), format!("{k8s}/a/b")];
+    for mount in &env.mounts {
+        assert!(!mount.join(&k8s).exists());
+    }
+    for (sb, path) in [
+        (id("made-1"), format!("/{k8s}/made-1")),
+        (id("made-2"), format!("/{k8s}/a/b/made-2")),
+    ] {
+        let cg = pool.acquire_at(&sb, &path, resources).unwrap();
+        assert!(cg.is_bypass());
+        let expected: BTreeSet<PathBuf> = env
+            .mounts
+            .iter()
+            .map(|m| m.join(path.trim_start_matches('/')))
+            .collect();
+        assert_eq!(cg.paths().into_iter().collect::<BTreeSet<_>>(), expected);
+        for p in cg.paths() {
+            assert_eq!(
+                cgroupfs::read_marker(&p).unwrap(),
+                Some(Marker::Bypass(sb.clone()))
+            );
+        }
+        if pids_limit {
+            assert_eq!(read(&dir(&cg, "pids").join("pids.max")), "10");
+        }
+        let mut child = Sleeper::spawn();
+        cg.attach_process(child.pid()).unwrap();
+        assert!(
+            proc_cgroup(child.pid()).contains(&format!(":{path}\n")),
+            "{}",
+            proc_cgroup(child.pid())
+        );
+        child.kill();
+        pool.release(&sb).unwrap();
+        for p in cg.paths() {
+            assert!(!p.exists(), "{} removed on release", p.display());
+            assert!(p.parent().unwrap().is_dir(), "its parent stays");
+        }
+    }
+    assert_eq!(pool.stats().bypassed, 2);
+    let assert_platforms = |rels: &[String]| {
+        for mount in &env.mounts {
+            for rel in rels {
+                let d = mount.join(rel);
+                assert!(d.is_dir(), "{} stays", d.display());
+                assert_eq!(cgroupfs::read_marker(&d).unwrap(), None, "not rund's");
+                if env.version == CgroupVersion::V1 && d.join("cpuset.cpus").exists() {
+                    let root = mount_of(env, &d);
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        assert_eq!(read(&d.join(file)), read(&root.join(file)), "{file}");
+                    }
+                }
+            }
+        }
+    };
+    assert_platforms(&made);
+
+    // A shim killed while holding it: the next shim's reconcile (what `delete` runs) removes the
+    // sandbox's cgroup, not the parents it made.
+    let crashed = id("made-3");
+    let cg = pool
+        .acquire_at(&crashed, &format!("/{k8s}/pod-3/made-3"), resources)
+        .unwrap();
+    drop(pool);
+    let (pool, report) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    assert_eq!(report.reclaimed, vec![crashed.clone()], "{report:?}");
+    for p in cg.paths() {
+        assert!(!p.exists(), "{} reclaimed", p.display());
+    }
+    assert!(pool.find(&crashed).unwrap().is_none());
+    let with_pod = [made.as_slice(), &[format!("{k8s}/pod-3")]].concat();
+    assert_platforms(&with_pod);
+    pool.drain().unwrap();
+    assert_platforms(&with_pod);
+}
+
+/// An acquire that fails after making parents (a cpuset no CPU of this machine has) takes back
+/// the parents it made, its cgroup and its record; a parent that existed stays.
+pub fn failed_dictated_acquire_leaves_nothing(env: &TestEnv) {
+    let (pool, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    let bad = LinuxResourcesBuilder::default()
+        .cpu(LinuxCpuBuilder::default().cpus("4095").build().unwrap())
+        .build()
+        .unwrap();
+    let plat = env.sibling("gone");
+    let sb = id("fails");
+    let path = format!("/{plat}/pod/fails");
+    let err = pool.acquire_at(&sb, &path, &bad).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cpuset.cpus") && msg.contains(path.trim_start_matches('/')),
+        "{msg}"
+    );
+    for mount in &env.mounts {
+        assert!(!mount.join(&plat).exists(), "{} taken back", plat);
+    }
+    assert!(pool.find(&sb).unwrap().is_none());
+    // The same under a parent that exists: only what the acquire made goes.
+    for mount in &env.mounts {
+        let d = mount.join(&plat);
+        std::fs::create_dir(&d).unwrap();
+        if env.version == CgroupVersion::V1 && d.join("cpuset.cpus").exists() {
+            cgroup_pool::limits::copy_cpuset_from_parent(&d).unwrap();
+        }
+    }
+    pool.acquire_at(&sb, &path, &bad).unwrap_err();
+    for mount in &env.mounts {
+        assert!(mount.join(&plat).is_dir(), "the platform's parent stays");
+        assert!(!mount.join(&plat).join("pod").exists());
+    }
+    // And the same sandbox fits there once it asks for something possible.
+    pool.acquire_at(&sb, &path, &no_limits()).unwrap();
+    pool.release(&sb).unwrap();
+    pool.drain().unwrap();
+}
+
+/// Two shims (two pools on one state directory) make `/<new>/mid/a<n>` and `/<new>/mid/b<n>` at
+/// the same moment, `<new>` and `mid` made by neither yet: both succeed (the loser of each
+/// mkdir finds the directory made), round after round.
+pub fn concurrent_dictated_under_new_parents(env: &TestEnv, resources: &LinuxResources) {
+    let (a, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    let (b, _) = CgroupPool::start(env.config(), &is_alive_none).unwrap();
+    for round in 0..20 {
+        let plat = env.sibling(&format!("race{round}"));
+        let barrier = Barrier::new(2);
+        let run = |pool: &CgroupPool, who: &str| {
+            let sb = id(&format!("{who}{round}"));
+            barrier.wait();
+            pool.acquire_at(&sb, &format!("/{plat}/mid/{sb}"), resources)
+                .map(|cg| (sb, cg))
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| run(&a, "a"));
+            let tb = s.spawn(|| run(&b, "b"));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let (sa, ca) = ra.unwrap_or_else(|e| panic!("round {round}, a: {e}"));
+        let (sb, cb) = rb.unwrap_or_else(|e| panic!("round {round}, b: {e}"));
+        for p in ca.paths().iter().chain(&cb.paths()) {
+            assert!(p.is_dir(), "{}", p.display());
+        }
+        a.release(&sa).unwrap();
+        b.release(&sb).unwrap();
+        for mount in &env.mounts {
+            assert!(mount.join(&plat).join("mid").is_dir());
+        }
+    }
+    drop(b);
+    a.drain().unwrap();
 }
