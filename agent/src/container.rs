@@ -20,6 +20,8 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
+use crate::cwd::{self, CwdError};
+use crate::executor::LookPathExecutor;
 use crate::stdio::ChildPipes;
 use crate::storage::{validate_container_path, StorageError};
 
@@ -64,6 +66,9 @@ pub enum ContainerError {
     /// A path in the spec is refused.
     #[error(transparent)]
     Path(#[from] StorageError),
+    /// The process's working directory cannot be made or used.
+    #[error(transparent)]
+    Cwd(#[from] CwdError),
     /// A file of the bundle could not be written.
     #[error("writing {0}")]
     Io(PathBuf, #[source] std::io::Error),
@@ -238,6 +243,7 @@ impl Runtime {
 
     fn builder(&self, id: &str) -> Result<ContainerBuilder, ContainerError> {
         ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
+            .with_executor(LookPathExecutor)
             .with_root_path(&self.state_root)
             .map_err(runtime_err("setting the state directory"))
     }
@@ -247,9 +253,10 @@ impl Runtime {
             .map_err(runtime_err("loading the container state"))
     }
 
-    /// Creates container `id` from `spec` (created state: its process waits for start). Returns the
-    /// pid of its init process.
+    /// Creates container `id` from `spec` (created state: its process waits for start), its
+    /// working directory made first. Returns the pid of its init process.
     pub fn create(&self, id: &str, spec: &Spec, stdio: ChildStdio) -> Result<i32, ContainerError> {
+        cwd::prepare(spec)?;
         let bundle = self.bundle(id);
         std::fs::create_dir_all(&bundle).map_err(|e| ContainerError::Io(bundle.clone(), e))?;
         let json = serde_json::to_vec(spec).map_err(|source| ContainerError::Malformed {
@@ -310,6 +317,14 @@ impl Runtime {
                 status: container.status().to_string(),
                 op: "exec",
             });
+        }
+        // libcontainer's chdir failure would name neither the directory nor the call.
+        if let Some(pid) = container.pid() {
+            let root = PathBuf::from(format!("/proc/{pid}/root"));
+            if let Err(e) = cwd::check(&root, process.cwd()) {
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
         }
         let pid = builder_with_stdio(self.builder(id)?, stdio)
             .as_tenant()

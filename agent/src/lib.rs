@@ -7,6 +7,8 @@
 //! - [`rpc`]: the ttrpc service, checking requests and mapping errors to statuses;
 //! - [`registry`]: containers and processes by id;
 //! - [`container`]: the OCI runtime (youki's libcontainer) and the containers' cgroups;
+//! - [`executor`]: finding and exec'ing a container process's executable as runc does;
+//! - [`cwd`]: making a container's working directory inside its root before it is created;
 //! - [`stdio`]: pipes and ptys with back-pressure;
 //! - [`storage`]: storages, the overlay root, path checks;
 //! - [`identity`]: hostname, entropy and clock for a sandbox restored from a template.
@@ -14,6 +16,8 @@
 //! The protocol (messages, services, client) is the `agent-protocol` crate beside this one.
 
 pub mod container;
+pub mod cwd;
+pub mod executor;
 pub mod identity;
 pub mod init;
 pub mod reaper;

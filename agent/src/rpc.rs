@@ -88,6 +88,8 @@ impl From<ContainerError> for RpcError {
             | ContainerError::Invalid(_)
             | ContainerError::RootfsMissing(_)
             | ContainerError::Path(_) => Code::INVALID_ARGUMENT,
+            ContainerError::Cwd(ref c) if c.is_invalid_spec() => Code::INVALID_ARGUMENT,
+            ContainerError::Cwd(_) => Code::FAILED_PRECONDITION,
             ContainerError::State { .. }
             | ContainerError::Runtime {
                 source: libcontainer::error::LibcontainerError::IncorrectStatus(_),
@@ -146,11 +148,18 @@ pub struct Agent {
     sandbox: Mutex<Option<Sandbox>>,
     console_dir: PathBuf,
     console_seq: AtomicU64,
-    oom_tx: tokio::sync::mpsc::Sender<String>,
-    oom_rx: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<String>>,
+    oom_tx: tokio::sync::mpsc::Sender<OomKills>,
+    oom_rx: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<OomKills>>,
 }
 
-/// OOM events queued for GetOOMEvent; more are dropped (the shim polls stats too).
+/// A container's OOM-kill count, as GetOOMEvent reports it.
+struct OomKills {
+    container_id: String,
+    count: u64,
+}
+
+/// OOM events queued for GetOOMEvent; more are dropped: each carries the count so far, so the
+/// next one, or the count WaitProcess reports with the exit, makes up for a dropped one.
 const OOM_QUEUE: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,7 +190,9 @@ impl Agent {
         }))
     }
 
-    /// Polls the containers' OOM counters and queues an event per new OOM kill.
+    /// Polls the containers' OOM counters and queues an event whenever one grew. The events may
+    /// come after the process's exit: WaitProcess carries the count too, for the shim to report
+    /// the kill before the exit.
     pub fn spawn_oom_watcher(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -191,7 +202,10 @@ impl Agent {
                 for c in agent.registry.all() {
                     let kills = container::oom_kills(&c.cgroup_path);
                     if kills > c.oom_seen.swap(kills, Ordering::Relaxed) {
-                        let _ = agent.oom_tx.try_send(c.id.clone());
+                        let _ = agent.oom_tx.try_send(OomKills {
+                            container_id: c.id.clone(),
+                            count: kills,
+                        });
                     }
                 }
             }
@@ -564,9 +578,16 @@ impl AgentService for Agent {
         _: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        let process = self.process(&req.container_id, &req.exec_id)?;
+        let entry = self
+            .registry
+            .get(&req.container_id)
+            .map_err(RpcError::from)?;
+        let process = entry.process(&req.exec_id).map_err(RpcError::from)?;
         let mut resp = WaitProcessResponse::new();
         resp.status = process.wait().await;
+        // Read after the process was reaped: the kernel counts an OOM kill before it sends the
+        // SIGKILL, so a kill that ended the process is in the count.
+        resp.oom_kills = container::oom_kills(&entry.cgroup_path);
         Ok(resp)
     }
 
@@ -707,7 +728,7 @@ impl AgentService for Agent {
     }
 
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OOMEvent> {
-        let id = self
+        let kills = self
             .oom_rx
             .lock()
             .await
@@ -715,7 +736,8 @@ impl AgentService for Agent {
             .await
             .ok_or_else(|| RpcError::new(Code::UNAVAILABLE, "the agent is shutting down"))?;
         let mut resp = OOMEvent::new();
-        resp.container_id = id;
+        resp.container_id = kills.container_id;
+        resp.oom_kills = kills.count;
         Ok(resp)
     }
 

@@ -525,6 +525,13 @@ async fn exit_codes_as_runc_reports_them() {
     assert_eq!(agent.wait(&k, "").await, 137);
     // Waiting again gives the same status.
     assert_eq!(agent.wait(&f, "").await, 1);
+    // No OOM kill there.
+    let exit = agent
+        .client
+        .wait_process(ctx(), &process_req(&k, ""))
+        .await
+        .unwrap();
+    assert_eq!((exit.status, exit.oom_kills), (137, 0));
     for id in [t, f, k] {
         agent.remove(&id).await;
     }
@@ -564,9 +571,16 @@ async fn oom_event_under_a_memory_limit() {
         .await
         .unwrap();
     assert!(stats.oom_kills >= 1);
-    // The shell's command substitution child was killed; the shell may survive it or not.
-    let status = agent.wait(&id, "").await;
-    assert!(status == 0 || status == 137, "status {status}");
+    assert!(event.oom_kills >= 1, "{event:?}");
+    // The shell's command substitution child was killed; the shell may survive it or not. Either
+    // way the exit carries the kill, counted before the process was reaped.
+    let exit = agent
+        .client
+        .wait_process(ctx(), &process_req(&id, ""))
+        .await
+        .unwrap();
+    assert!(exit.status == 0 || exit.status == 137, "{exit:?}");
+    assert!(exit.oom_kills >= event.oom_kills, "{exit:?} {event:?}");
     agent.remove(&id).await;
 }
 
@@ -832,5 +846,104 @@ async fn overlay_root_from_storages() {
     req.container_id = agent.id("c2");
     let (code, msg) = code_of(agent.client.create_container(ctx(), &req).await);
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    agent.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executables_and_working_directories_as_runc_finds_them() {
+    if skip() {
+        return;
+    }
+    let agent = AgentProcess::start("lookup").await;
+    let c = &agent.client;
+    let without_path = |args: &[&str], cwd: &str| {
+        let mut s = spec(&agent.rootfs, args, false, None);
+        s["process"]["env"] = json!(["HOME=/root"]);
+        s["process"]["cwd"] = json!(cwd);
+        s
+    };
+
+    // A pause image built FROM scratch: no PATH, an absolute entrypoint, and a working directory
+    // the image does not have (made in the root, as runc makes it).
+    assert!(!agent.rootfs.join("work").exists());
+    let id = agent
+        .create(
+            "nopath",
+            &without_path(&["/bin/sh", "-c", "pwd"], "/work/dir"),
+        )
+        .await
+        .unwrap();
+    c.start_container(ctx(), &container_req(&id)).await.unwrap();
+    assert_eq!(agent.read_all(&id, "", false).await, b"/work/dir\n");
+    assert_eq!(agent.wait(&id, "").await, 0);
+    assert!(agent.rootfs.join("work/dir").is_dir());
+    agent.remove(&id).await;
+
+    // A name with '/' is relative to the working directory; a bare name needs PATH.
+    let id = agent
+        .create("relative", &without_path(&["./busybox", "true"], "/bin"))
+        .await
+        .unwrap();
+    c.start_container(ctx(), &container_req(&id)).await.unwrap();
+    assert_eq!(agent.wait(&id, "").await, 0);
+    agent.remove(&id).await;
+    let (_, msg) = code_of(
+        agent
+            .create("bare", &without_path(&["sleep", "1"], "/"))
+            .await,
+    );
+    assert!(
+        msg.contains("exec: \"sleep\": executable file not found in $PATH"),
+        "{msg}"
+    );
+    agent.check().await;
+    let (_, msg) = code_of(
+        agent
+            .create("plain", &without_path(&["/etc/passwd"], "/"))
+            .await,
+    );
+    assert!(
+        msg.contains("exec: \"/etc/passwd\": Permission denied"),
+        "{msg}"
+    );
+    agent.check().await;
+
+    // A working directory in a tmpfs (empty when mounted) cannot be made beforehand: refused,
+    // naming both, and nothing is left shadowed in the root.
+    let (code, msg) = code_of(
+        agent
+            .create("tmpfs-cwd", &without_path(&["/bin/true"], "/dev/work"))
+            .await,
+    );
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.contains("process.cwd /dev/work") && msg.contains("tmpfs mounted at /dev"),
+        "{msg}"
+    );
+    assert!(!agent.rootfs.join("dev/work").exists());
+    agent.check().await;
+
+    // Exec: an absolute path without PATH runs; a missing working directory is named.
+    let id = agent.run("busy", &["sleep", "100"]).await;
+    let mut p = process(&["/bin/sh", "-c", "pwd"], false);
+    p["env"] = json!([]);
+    p["cwd"] = json!("/etc");
+    c.exec_process(ctx(), &exec_req(&id, "e1", &p))
+        .await
+        .unwrap();
+    assert_eq!(agent.read_all(&id, "e1", false).await, b"/etc\n");
+    assert_eq!(agent.wait(&id, "e1").await, 0);
+    p["cwd"] = json!("/nowhere");
+    let (code, msg) = code_of(c.exec_process(ctx(), &exec_req(&id, "e2", &p)).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(
+        msg.contains("process.cwd /nowhere: in the container"),
+        "{msg}"
+    );
+    p["cwd"] = json!("/");
+    p["args"] = json!(["sleep", "1"]);
+    let (_, msg) = code_of(c.exec_process(ctx(), &exec_req(&id, "e3", &p)).await);
+    assert!(msg.contains("executable file not found in $PATH"), "{msg}");
+    agent.remove(&id).await;
     agent.check().await;
 }

@@ -1,5 +1,6 @@
 //! The state containerd sees of one process (a container's own or an exec'd one): created,
-//! running or stopped with its exit status, and a way to wait for the end.
+//! running or stopped with its exit status, and a way to wait for the end; and what containerd
+//! was told of its container's OOM kills, which must reach it before the exit they caused.
 
 use std::sync::Mutex;
 
@@ -119,9 +120,89 @@ impl Process {
     }
 }
 
+/// An event [`OomReports`] asks to publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    /// TaskOOM of the container.
+    Oom,
+    /// TaskExit of the process.
+    Exit,
+}
+
+/// The OOM kills of one container that containerd was told of.
+///
+/// containerd's CRI takes a container's `OOMKilled` reason from a TaskOOM that it handles before
+/// the TaskExit. The agent's OOM stream is polled and may come late, so the agent also reports,
+/// with each exit, the container's OOM-kill count read after the process was reaped; both carry
+/// the cumulative count. The caller holds one lock over a container's reports and publishes what
+/// they return, in that order, before it lets go.
+#[derive(Debug, Default)]
+pub struct OomReports {
+    /// The highest count published.
+    published: u64,
+}
+
+impl OomReports {
+    /// A process of the container exited, the container having seen `oom_kills` OOM kills: a
+    /// TaskOOM first if one of them was not published yet, then the TaskExit.
+    pub fn exit(&mut self, oom_kills: u64) -> Vec<Publish> {
+        if self.advance(oom_kills) {
+            vec![Publish::Oom, Publish::Exit]
+        } else {
+            vec![Publish::Exit]
+        }
+    }
+
+    /// An event of the agent's OOM stream, with the count so far: published unless an exit
+    /// published that kill already. A count of 0 comes from an agent that does not count (one
+    /// restored from an older template): its every event is new.
+    pub fn event(&mut self, oom_kills: u64) -> Vec<Publish> {
+        if oom_kills == 0 || self.advance(oom_kills) {
+            vec![Publish::Oom]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn advance(&mut self, oom_kills: u64) -> bool {
+        if oom_kills > self.published {
+            self.published = oom_kills;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oom_kill_is_published_before_the_exit_it_caused_and_once() {
+        use Publish::{Exit, Oom};
+        // The exit came first: it carries the kill, and the stream's late event is not new.
+        let mut r = OomReports::default();
+        assert_eq!(r.exit(1), [Oom, Exit]);
+        assert_eq!(r.event(1), []);
+        // The stream came first: the exit has nothing more to say.
+        let mut r = OomReports::default();
+        assert_eq!(r.event(1), [Oom]);
+        assert_eq!(r.exit(1), [Exit]);
+        // No kill, no TaskOOM; a later kill (an exec'd process's, a second one) is new again.
+        let mut r = OomReports::default();
+        assert_eq!(r.exit(0), [Exit]);
+        assert_eq!(r.event(2), [Oom]);
+        assert_eq!(r.exit(3), [Oom, Exit]);
+        assert_eq!(r.event(2), []);
+        assert_eq!(r.event(3), []);
+        assert_eq!(r.exit(3), [Exit]);
+        // An agent that does not count: its events pass, its exits carry nothing.
+        let mut r = OomReports::default();
+        assert_eq!(r.event(0), [Oom]);
+        assert_eq!(r.event(0), [Oom]);
+        assert_eq!(r.exit(0), [Exit]);
+    }
 
     #[tokio::test]
     async fn wait_returns_the_first_exit() {

@@ -38,7 +38,7 @@ use oci_spec::runtime::Spec;
 use rootfs_split::RootfsMount;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::process::{Process, ProcessStatus};
+use super::process::{OomReports, Process, ProcessStatus, Publish};
 use super::sandbox::{Sandbox, SandboxError};
 use super::spec::guest_spec;
 use super::stdio::{StdioPaths, StdioPumps};
@@ -110,6 +110,9 @@ struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: std::sync::atomic::AtomicBool,
+    /// What containerd was told of the container's OOM kills. Held while a TaskOOM or the
+    /// TaskExit of one of its processes is published: a kill goes out before the exit it caused.
+    oom: Arc<AsyncMutex<OomReports>>,
 }
 
 impl Container {
@@ -194,13 +197,15 @@ impl TaskService {
         publish(&self.publisher, &self.namespace, topic, event).await;
     }
 
-    /// Watches `process` to its end: its status from the agent, its output drained, then the
-    /// exit recorded and published.
-    fn watch_exit(&self, process: Arc<Process>, mut pumps: StdioPumps) {
+    /// Watches `process` of `container` to its end: its status from the agent, its output
+    /// drained, then the exit recorded and published, after a TaskOOM if the container's OOM
+    /// kills (read by the agent after the process was reaped) include one not published yet.
+    fn watch_exit(&self, container: &Container, process: Arc<Process>, mut pumps: StdioPumps) {
         let sandbox = self.sandbox();
         let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
+        let oom = container.oom.clone();
         tokio::spawn(async move {
-            let status = match sandbox {
+            let (status, oom_kills) = match sandbox {
                 Ok(sandbox) => {
                     let agent = sandbox.agent();
                     let mut req = ProcessRequest::new();
@@ -210,42 +215,59 @@ impl TaskService {
                         .wait_process(::ttrpc::context::with_timeout(0), &req)
                         .await
                     {
-                        Ok(r) => u32::try_from(r.status).unwrap_or(LOST_STATUS),
+                        Ok(r) => (u32::try_from(r.status).unwrap_or(LOST_STATUS), r.oom_kills),
                         Err(e) => {
                             warn!(
                                 "waiting for {}: {e}; {}",
                                 process.event_id(),
                                 sandbox.guest_report()
                             );
-                            LOST_STATUS
+                            (LOST_STATUS, 0)
                         }
                     }
                 }
-                Err(_) => LOST_STATUS,
+                Err(_) => (LOST_STATUS, 0),
             };
             pumps.drained(DRAIN_LIMIT).await;
-            let exited_at = process.set_exited(status);
-            let event = TaskExit {
-                container_id: process.container_id.clone(),
-                id: process.event_id().to_owned(),
-                pid: std::process::id(),
-                exit_status: status,
-                exited_at: MessageField::some(exited_at),
-                ..Default::default()
-            };
-            publish(
-                &publisher,
-                &namespace,
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(event),
-            )
-            .await;
+            let mut reports = oom.lock().await;
+            for event in reports.exit(oom_kills) {
+                match event {
+                    Publish::Oom => {
+                        info!(
+                            "container {}: OOM kill reported with the exit of {}",
+                            process.container_id,
+                            process.event_id()
+                        );
+                        publish_oom(&publisher, &namespace, &process.container_id).await;
+                    }
+                    Publish::Exit => {
+                        let exited_at = process.set_exited(status);
+                        let event = TaskExit {
+                            container_id: process.container_id.clone(),
+                            id: process.event_id().to_owned(),
+                            pid: std::process::id(),
+                            exit_status: status,
+                            exited_at: MessageField::some(exited_at),
+                            ..Default::default()
+                        };
+                        publish(
+                            &publisher,
+                            &namespace,
+                            topics::TASK_EXIT_EVENT_TOPIC,
+                            Box::new(event),
+                        )
+                        .await;
+                    }
+                }
+            }
         });
     }
 
-    /// Forwards the agent's OOM events for as long as the sandbox lives.
+    /// Forwards the agent's OOM events for as long as the sandbox lives, but for a kill an exit
+    /// reported already, and for a container this shim no longer has.
     fn forward_oom_events(&self, agent: Arc<AgentClient>) {
         let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
+        let pod = self.pod.clone();
         tokio::spawn(async move {
             loop {
                 match agent
@@ -256,17 +278,20 @@ impl TaskService {
                     .await
                 {
                     Ok(ev) => {
-                        let event = TaskOOM {
-                            container_id: ev.container_id,
-                            ..Default::default()
+                        let container = pod
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .containers
+                            .get(&ev.container_id)
+                            .cloned();
+                        let Some(container) = container else {
+                            debug!("OOM event of unknown container {}", ev.container_id);
+                            continue;
                         };
-                        publish(
-                            &publisher,
-                            &namespace,
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(event),
-                        )
-                        .await;
+                        let mut reports = container.oom.lock().await;
+                        if reports.event(ev.oom_kills).contains(&Publish::Oom) {
+                            publish_oom(&publisher, &namespace, &container.id).await;
+                        }
                     }
                     Err(e) => {
                         debug!("OOM events end: {e}");
@@ -369,6 +394,7 @@ impl TaskService {
             init,
             execs: Mutex::default(),
             paused: Default::default(),
+            oom: Arc::default(),
         });
         self.pod().containers.insert(req.id.clone(), container);
         if let Some(split) = split {
@@ -432,6 +458,20 @@ async fn publish(
     }
 }
 
+async fn publish_oom(publisher: &RemotePublisher, namespace: &str, container_id: &str) {
+    let event = TaskOOM {
+        container_id: container_id.to_owned(),
+        ..Default::default()
+    };
+    publish(
+        publisher,
+        namespace,
+        topics::TASK_OOM_EVENT_TOPIC,
+        Box::new(event),
+    )
+    .await;
+}
+
 fn containerd_status(
     p: &Process,
     paused: bool,
@@ -477,7 +517,7 @@ impl Task for TaskService {
         // start is lost.
         let agent = self.agent()?;
         let pumps = StdioPumps::start(agent, &req.id, "", &container.init.stdio);
-        self.watch_exit(container.init.clone(), pumps);
+        self.watch_exit(&container, container.init.clone(), pumps);
         let event = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -538,7 +578,7 @@ impl Task for TaskService {
                 .map_err(|e| self.agent_failure("ExecProcess", e))?;
             process.set_running();
             let pumps = StdioPumps::start(agent, &req.id, &req.exec_id, &process.stdio);
-            self.watch_exit(process.clone(), pumps);
+            self.watch_exit(&container, process.clone(), pumps);
             let event = TaskExecStarted {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
