@@ -8,6 +8,7 @@
 //! the capability drop, so the execute check is the kernel's own for that user (`AT_EACCESS`):
 //! `validate` before the start (its error is CreateContainer's or ExecProcess's), `exec` after it.
 
+use crate::error_chain as chain;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -50,18 +51,6 @@ pub enum LookupError {
     /// The file named cannot be executed.
     #[error("exec: {0:?}")]
     Unusable(PathBuf, #[source] io::Error),
-}
-
-/// The whole error chain on one line: libcontainer passes on only a message.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// The last `PATH=` of an environment, as the process would see it (later entries win).

@@ -26,3 +26,15 @@ pub mod rpc;
 pub mod server;
 pub mod stdio;
 pub mod storage;
+
+/// An error and its sources on one line (`a: b: c`): what a status message or a log line carries.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}

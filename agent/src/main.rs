@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agent::error_chain as chain;
 use agent::reaper::Reaper;
 use agent::rpc::Agent;
 
@@ -28,17 +29,6 @@ struct Args {
 
 fn log(message: &str) {
     eprintln!("rund-agent: {message}");
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }
 
 fn main() -> ExitCode {

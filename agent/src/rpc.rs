@@ -5,6 +5,7 @@
 //! request carries can panic the agent; blocking work (mounts, the runtime library) runs on blocking
 //! threads.
 
+use crate::error_chain as chain;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,17 +28,6 @@ use crate::storage::{self, StorageError, Storages};
 pub struct RpcError {
     code: Code,
     message: String,
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 impl RpcError {

@@ -1,16 +1,23 @@
-//! The containerd end-to-end harness: a private containerd (its own root, state and socket in a
-//! temporary directory) with the `runc` and `rund` runtimes, locally built images imported into
-//! the `default` (ctr) and `k8s.io` (CRI) namespaces, a `ctr` helper, and the checks that a
+//! The containerd end-to-end harness: a containerd of the test's own (its root, state and socket
+//! in a temporary directory) with the `runc` and `rund` runtimes, locally built images imported
+//! into the `default` (ctr) and `k8s.io` (CRI) namespaces, a `ctr` helper, and the checks that a
 //! scenario left nothing behind. On drop it removes every task and container, stops containerd,
 //! kills any shim or container process it left, unmounts what was mounted under its directory and
 //! deletes the directory.
 //!
+//! Two worlds ([`World`]). By default, the user's ([`node`]): rund installed with `rund install
+//! --write-containerd-config` onto containerd's stock `/etc/containerd/config.toml` and rund's
+//! default `/etc/rund/config.toml`, containerd started on that file (only its root, state and
+//! socket moved to the test's directory, by command-line flags), the pause image imported under
+//! the name the stock configuration expects. [`World::Fixture`] instead writes a containerd
+//! configuration naming both runtimes and a rund configuration of its own (`RUND_CONFIG`), as an
+//! operator writing them by hand would.
+//!
 //! Every scenario runs for each runtime under test and compares the outcome with runc's under
 //! the same containerd. The runtimes come from `RUND_E2E_RUNTIMES` (default `runc,rund`; runc is
 //! always included). rund's shim is `containerd-shim-rund-v2` from `RUND_SHIM_BINARY`, else beside
-//! the test executable's target directory (`target/<profile>/`); containerd finds it on its PATH
-//! and the shim reads the configuration the harness writes, through `RUND_CONFIG` (kernel from
-//! `RUND_GUEST_KERNEL_DIR`/vmlinux, initramfs from `RUND_AGENT_INITRAMFS`).
+//! the test executable's target directory (`target/<profile>/`), and `rund` beside it (kernel
+//! from `RUND_GUEST_KERNEL_DIR`/vmlinux, initramfs from `RUND_AGENT_INITRAMFS`).
 //!
 //! Needs root, Debian's `containerd`, `runc`, `umoci` and `busybox-static`, and for rund a KVM
 //! that runs Linux guests (the testbed). Where one is missing the test prints why and returns,
@@ -24,6 +31,7 @@ pub mod bench;
 pub mod config;
 pub mod host;
 pub mod image;
+pub mod node;
 
 use std::fmt;
 use std::fs::File;
@@ -34,7 +42,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use config::{ContainerdConfig, RundConfig, BTRFS_SNAPSHOTTER};
-pub use image::{BUSYBOX_IMAGE, IMAGE_FILE, IMAGE_FILE_CONTENT, PAUSE_IMAGE};
+pub use image::{BUSYBOX_IMAGE, BUSYBOX_NOENV_IMAGE, IMAGE_FILE, IMAGE_FILE_CONTENT, PAUSE_IMAGE};
 
 /// The namespace `ctr` uses by default.
 pub const CTR_NAMESPACE: &str = "default";
@@ -280,6 +288,14 @@ pub fn start_for_test(test: &str) -> Option<Containerd> {
 pub fn start_for_test_with(test: &str, options: Options) -> Option<Containerd> {
     let runtimes = runtimes_under_test().unwrap_or_else(|e| panic!("{test}: {e}"));
     let mut missing = missing_prerequisites(&runtimes);
+    if options.world == World::Node {
+        missing.extend(node::not_allowed());
+        if runtimes.contains(&Runtime::Rund) {
+            if let Err(e) = rund_shim_binary().and_then(|shim| node::admin_binary(&shim)) {
+                missing.push(format!("rund: {e}"));
+            }
+        }
+    }
     if options.btrfs_snapshotter && !on_path("mkfs.btrfs") {
         missing.push("mkfs.btrfs is not installed (apt-get install btrfs-progs)".into());
     }
@@ -465,12 +481,24 @@ pub struct RundSetup {
     pub config: RundConfig,
 }
 
+/// Whose configuration containerd and rund run with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum World {
+    /// The user's: containerd's stock configuration edited by `rund install`, rund's as `rund
+    /// install` writes it ([`node`]).
+    #[default]
+    Node,
+    /// The harness's own configuration files, naming both runtimes.
+    Fixture,
+}
+
 /// How a private containerd is started, besides its runtimes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
-    /// The btrfs snapshotter on, its root a loop-mounted btrfs image in the harness's directory
-    /// (its rootfs mounts have type `btrfs`).
+    /// The btrfs snapshotter's root a loop-mounted btrfs image in the harness's directory, so
+    /// that its plugin loads (its rootfs mounts have type `btrfs`).
     pub btrfs_snapshotter: bool,
+    pub world: World,
 }
 
 /// A private containerd and everything it was given.
@@ -481,6 +509,7 @@ pub struct Containerd {
     runtimes: Vec<Runtime>,
     images: Option<image::Images>,
     rund: Option<RundSetup>,
+    world: World,
     log_path: PathBuf,
     child: Option<Child>,
     /// Unique to this harness on the host: process id and instance number.
@@ -529,6 +558,7 @@ impl Containerd {
             runtimes: runtimes.to_vec(),
             images: None,
             rund: None,
+            world: options.world,
             child: None,
             nonce: format!(
                 "{}-{}",
@@ -568,15 +598,28 @@ impl Containerd {
         let started = Instant::now();
         cd.images = Some(image::build(&cd.path.join("images"))?);
         let built = started.elapsed();
-        if runtimes.contains(&Runtime::Rund) {
-            cd.rund = Some(cd.prepare_rund()?);
-        }
+        let config_path = match options.world {
+            World::Fixture => {
+                if runtimes.contains(&Runtime::Rund) {
+                    cd.rund = Some(cd.prepare_rund()?);
+                }
+                let path = cd.path.join("config.toml");
+                std::fs::write(&path, cd.config.render())
+                    .map_err(io_error(format!("writing {}", path.display())))?;
+                path
+            }
+            World::Node => {
+                if runtimes.contains(&Runtime::Rund) {
+                    cd.rund = Some(cd.install_rund()?);
+                }
+                let path = PathBuf::from(node::CONTAINERD_CONFIG);
+                cd.config.sandbox_image = node::sandbox_image(&path)?;
+                path
+            }
+        };
         if options.btrfs_snapshotter {
             cd.mount_btrfs_snapshotter_root()?;
         }
-        let config_path = cd.path.join("config.toml");
-        std::fs::write(&config_path, cd.config.render())
-            .map_err(io_error(format!("writing {}", config_path.display())))?;
         cd.spawn(&config_path)?;
         cd.wait_ready()?;
         let ready = started.elapsed();
@@ -590,6 +633,21 @@ impl Containerd {
                 "--base-name",
                 image::IMAGE_BASE_NAME,
                 &archive,
+            ])?;
+        }
+        if options.world == World::Node {
+            // As an operator of a node without a registry does: the pause image under the name
+            // containerd's configuration expects. It is the one without `Env`, as pause images
+            // built FROM scratch are.
+            let sandbox_image = cd.config.sandbox_image.clone();
+            cd.ctr_ok(&[
+                "-n",
+                CRI_NAMESPACE,
+                "image",
+                "tag",
+                "--force",
+                image::PAUSE_NOENV_IMAGE,
+                &sandbox_image,
             ])?;
         }
         eprintln!(
@@ -671,32 +729,60 @@ impl Containerd {
         })
     }
 
+    /// `rund install` onto the node (the [`World::Node`] set-up).
+    fn install_rund(&self) -> Result<RundSetup, ContainerdError> {
+        let shim = rund_shim_binary().map_err(ContainerdError::Prerequisite)?;
+        let (kernel, initramfs) = rund_guest_files().map_err(ContainerdError::Prerequisite)?;
+        let installed = node::install(&shim, &kernel, &initramfs)?;
+        eprintln!("rund install:\n{}", installed.install_log.trim_end());
+        Ok(RundSetup {
+            config_path: PathBuf::from(node::RUND_CONFIG),
+            config: installed.rund_config,
+        })
+    }
+
     fn spawn(&mut self, config_path: &Path) -> Result<(), ContainerdError> {
         let log = File::create(&self.log_path)
             .map_err(io_error(format!("creating {}", self.log_path.display())))?;
         let log2 = log.try_clone().map_err(io_error("dup of the log file"))?;
-        let mut path = vec![self.path.join("bin")];
-        if let Some(p) = std::env::var_os("PATH") {
-            path.extend(std::env::split_paths(&p));
-        }
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config")
-            .arg(config_path)
-            .env(
-                "PATH",
-                std::env::join_paths(path).map_err(|e| ContainerdError::Io {
-                    what: "PATH".into(),
-                    source: std::io::Error::other(e),
-                })?,
-            )
-            .stdin(Stdio::null())
+        cmd.arg("--config").arg(config_path);
+        match self.world {
+            World::Fixture => {
+                let mut path = vec![self.path.join("bin")];
+                if let Some(p) = std::env::var_os("PATH") {
+                    path.extend(std::env::split_paths(&p));
+                }
+                cmd.env(
+                    "PATH",
+                    std::env::join_paths(path).map_err(|e| ContainerdError::Io {
+                        what: "PATH".into(),
+                        source: std::io::Error::other(e),
+                    })?,
+                );
+                if let Some(rund) = &self.rund {
+                    cmd.env("RUND_CONFIG", &rund.config_path);
+                }
+            }
+            World::Node => {
+                // The node's configuration as it is; only where containerd keeps its files moves
+                // to the test's directory, so that each test starts from an empty containerd. A
+                // service's environment: nothing of the test's.
+                cmd.arg("--root")
+                    .arg(&self.config.root)
+                    .arg("--state")
+                    .arg(&self.config.state)
+                    .arg("--address")
+                    .arg(&self.config.socket)
+                    .env_clear()
+                    .env("PATH", node::SERVICE_PATH);
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Its own process group: a ^C to the test does not reach it before the cleanup.
             .process_group(0);
-        if let Some(rund) = &self.rund {
-            cmd.env("RUND_CONFIG", &rund.config_path);
-        }
         self.child = Some(cmd.spawn().map_err(io_error("cannot run containerd"))?);
         Ok(())
     }
@@ -884,6 +970,8 @@ impl Containerd {
         let btrfs_root = self.btrfs_snapshotter_root();
         mounts.retain(|m| Some(m) != btrfs_root.as_ref());
         let rund_state = match &self.rund {
+            // No shim has run yet on this node: nothing to leave.
+            Some(r) if !r.config.run_dir.exists() => Vec::new(),
             Some(r) => std::fs::read_dir(&r.config.run_dir)
                 .map_err(io_error(format!("listing {}", r.config.run_dir.display())))?
                 .filter_map(Result::ok)

@@ -11,12 +11,14 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, Image, ImageSpec,
-    ImageStatusRequest, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
-    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter,
+    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ExecSyncResponse, Image, ImageSpec, ImageStatusRequest,
+    LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListContainerStatsRequest, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -208,6 +210,86 @@ impl CriClient {
             })
     }
 
+    /// `UpdateContainerResources` (`crictl update`; a kubelet's in-place resize).
+    pub async fn update_container_resources(
+        &mut self,
+        id: &str,
+        resources: &LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        let req = UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(resources.clone()),
+            ..UpdateContainerResourcesRequest::default()
+        };
+        self.runtime
+            .update_container_resources(req)
+            .await
+            .map_err(call_error("UpdateContainerResources"))?;
+        Ok(())
+    }
+
+    /// `ContainerStats` (`crictl stats ID`).
+    pub async fn container_stats(&mut self, id: &str) -> Result<ContainerStats, CriError> {
+        let req = ContainerStatsRequest {
+            container_id: id.into(),
+        };
+        self.runtime
+            .container_stats(req)
+            .await
+            .map_err(call_error("ContainerStats"))?
+            .into_inner()
+            .stats
+            .ok_or(CriError::Missing {
+                call: "ContainerStats",
+                field: "stats",
+            })
+    }
+
+    /// `ListContainerStats` of one pod's containers (what a kubelet's summary API asks).
+    pub async fn list_container_stats(
+        &mut self,
+        pod_id: &str,
+    ) -> Result<Vec<ContainerStats>, CriError> {
+        let req = ListContainerStatsRequest {
+            filter: Some(ContainerStatsFilter {
+                pod_sandbox_id: pod_id.into(),
+                ..ContainerStatsFilter::default()
+            }),
+        };
+        Ok(self
+            .runtime
+            .list_container_stats(req)
+            .await
+            .map_err(call_error("ListContainerStats"))?
+            .into_inner()
+            .stats)
+    }
+
+    /// `StopContainer` with a grace period (`crictl stop`).
+    pub async fn stop_container(&mut self, id: &str, timeout_secs: i64) -> Result<(), CriError> {
+        let req = StopContainerRequest {
+            container_id: id.into(),
+            timeout: timeout_secs,
+        };
+        self.runtime
+            .stop_container(req)
+            .await
+            .map_err(call_error("StopContainer"))?;
+        Ok(())
+    }
+
+    /// `RemoveContainer` (`crictl rm`; a kubelet's garbage collection of an exited attempt).
+    pub async fn remove_container(&mut self, id: &str) -> Result<(), CriError> {
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+        };
+        self.runtime
+            .remove_container(req)
+            .await
+            .map_err(call_error("RemoveContainer"))?;
+        Ok(())
+    }
+
     /// `StopPodSandbox` (`crictl stopp`, the first half of `crictl rmp -f`).
     pub async fn stop_pod_sandbox(&mut self, pod_id: &str) -> Result<(), CriError> {
         let req = StopPodSandboxRequest {
@@ -314,6 +396,20 @@ pub fn host_network_pod_config(name: &str, uid: &str, log_dir: &Path) -> PodSand
         }),
         ..PodSandboxConfig::default()
     }
+}
+
+/// [`host_network_pod_config`] in the cgroup `parent` (a kubelet's `/kubepods/...` pod cgroup).
+pub fn host_network_pod_config_in(
+    name: &str,
+    uid: &str,
+    log_dir: &Path,
+    parent: &str,
+) -> PodSandboxConfig {
+    let mut config = host_network_pod_config(name, uid, log_dir);
+    if let Some(linux) = config.linux.as_mut() {
+        linux.cgroup_parent = parent.into();
+    }
+    config
 }
 
 /// A container running `command` in `image`, logging to `log_path` (relative to the pod's

@@ -105,13 +105,13 @@ impl Initramfs {
         self.file("init", EXEC, script.as_bytes().to_vec());
     }
 
-    /// The host program `host` at `guest_path`, with its ELF interpreter and every shared library
-    /// it needs at the paths the host has them.
+    /// The host program `host` at `guest_path`, without its debug information, with its ELF
+    /// interpreter and every shared library it needs at the paths the host has them.
     pub fn program(&mut self, host: &Path, guest_path: &str) -> std::io::Result<()> {
         let tree = lddtree::DependencyAnalyzer::new("/".into())
             .analyze(host)
             .map_err(|e| std::io::Error::other(format!("{}: {e}", host.display())))?;
-        self.file(guest_path, EXEC, std::fs::read(host)?);
+        self.file(guest_path, EXEC, without_debug_info(host)?);
         if let Some(interp) = &tree.interpreter {
             self.file(interp, EXEC, std::fs::read(interp)?);
         }
@@ -142,6 +142,28 @@ impl Initramfs {
         cpio::write_cpio(entries, std::io::BufWriter::new(file))?.into_inner()?;
         Ok(())
     }
+}
+
+/// `program`'s contents with its debug sections stripped (`objcopy --strip-debug`, binutils).
+/// A test build of the probe carries ~170 MB of its dependencies' debug information, which the
+/// guest never reads and whose unpacking would not fit the guest's memory.
+fn without_debug_info(program: &Path) -> std::io::Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let stripped = dir.path().join("stripped");
+    let out = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(program)
+        .arg(&stripped)
+        .output()
+        .map_err(|e| std::io::Error::other(format!("running objcopy (binutils): {e}")))?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "objcopy --strip-debug {}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::read(stripped)
 }
 
 #[cfg(test)]
@@ -192,6 +214,20 @@ mod tests {
         b.program(&me, "/bin/probe").unwrap();
         let names: Vec<&str> = b.entries.iter().map(|e| e.path.as_str()).collect();
         assert!(names.contains(&"bin/probe"));
+        // Packed without its debug information: smaller, and still an ELF file.
+        let packed = &b
+            .entries
+            .iter()
+            .find(|e| e.path == "bin/probe")
+            .unwrap()
+            .contents;
+        assert!(packed.starts_with(b"\x7fELF"));
+        let host_size = std::fs::metadata(&me).unwrap().len();
+        assert!(
+            (packed.len() as u64) < host_size,
+            "{} bytes packed, {host_size} on the host",
+            packed.len()
+        );
         assert!(
             names.iter().any(|n| n.contains("ld-linux")),
             "no ELF interpreter in {names:?}"

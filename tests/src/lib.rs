@@ -11,6 +11,7 @@ pub mod containerd;
 pub mod cri;
 pub mod devbench;
 pub mod initramfs;
+pub mod kubelet;
 pub mod stream;
 
 use std::io::Write;

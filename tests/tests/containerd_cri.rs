@@ -1,19 +1,36 @@
-//! Kubernetes' CRI end to end through a private containerd: the calls `crictl runp`, `create`,
-//! `start`, `exec`, `inspect`, `stopp` and `rmp` make, with the runtime handler of each runtime
-//! under test, compared with runc's (see `rund_tests::containerd` for the harness and
-//! `rund_tests::cri` for the client). A host-network pod holds two containers: one runs until the
-//! pod stops and serves ExecSync, the other exits by itself with a code and a log. Afterwards
-//! nothing may be left: no pod or container listed, no task, shim, container process or mount.
-//! Runs in the testbed (`ci/test`); needs root, containerd, runc, umoci and busybox-static.
+//! Kubernetes' CRI end to end, on the node as `rund install` leaves it (containerd's stock
+//! configuration edited by `rund install`; see `rund_tests::containerd` for the harness and
+//! `rund_tests::cri` for the client), with the runtime handler of each runtime under test,
+//! compared with runc's:
+//! - the calls `crictl runp`, `create`, `start`, `exec`, `inspect`, `stopp` and `rmp` make for a
+//!   minimal pod.json (no `cgroup_parent`: containerd dictates `/k8s.io/<id>`): a host-network pod
+//!   with two containers, one serving ExecSync until the pod stops, the other exiting by itself;
+//!   the same on a containerd configuration written by hand;
+//! - a pod as a kubelet sends it, in a kubelet-made `/kubepods/burstable/pod<uid>` cgroup, with
+//!   the container fields a kubelet sets (security context, working directory, env, an image
+//!   without `Env`, resources and their update, stats, a restart, StopPodSandbox with a container
+//!   running);
+//! - OOM kills reported as such.
+//!
+//! Afterwards nothing may be left: no pod or container listed, no task, shim, container process
+//! or mount. Runs in the testbed (`ci/test`); needs root, containerd, runc, umoci and
+//! busybox-static.
 
 use std::time::Duration;
 
-use k8s_cri::v1::ContainerState;
-use rund_tests::containerd::{
-    same_as_runc, start_for_test, Containerd, Runtime, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
-    CRI_NAMESPACE,
+use k8s_cri::v1::{
+    Capability, ContainerState, Int64Value, KeyValue, LinuxContainerConfig,
+    LinuxContainerResources, LinuxContainerSecurityContext,
 };
-use rund_tests::cri::{container_config, host_network_pod_config, log_lines, CriClient};
+use rund_tests::containerd::{
+    same_as_runc, start_for_test, start_for_test_with, Containerd, Options, Runtime, World,
+    BUSYBOX_IMAGE, BUSYBOX_NOENV_IMAGE, COMMAND_TIMEOUT, CRI_NAMESPACE,
+};
+use rund_tests::cri::{
+    container_config, host_network_pod_config, host_network_pod_config_in, log_lines, CriClient,
+    CriError,
+};
+use rund_tests::kubelet::PodCgroup;
 
 /// What one pod's life looked like through CRI.
 #[derive(Debug, PartialEq)]
@@ -169,24 +186,34 @@ async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutco
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pod_with_two_containers_as_crictl_drives_it() {
-    let Some(cd) = start_for_test("pod_with_two_containers_as_crictl_drives_it") else {
-        return;
-    };
+/// Connects to `cd`'s CRI plugin and runs `flow` once per runtime under test (runc first),
+/// checking after each that the runtime left nothing behind; returns each runtime's outcome.
+async fn for_each_runtime<T: std::fmt::Debug>(
+    cd: &Containerd,
+    flow: impl AsyncFn(&Containerd, &mut CriClient, Runtime) -> T,
+) -> Vec<(Runtime, T)> {
     let mut cri = CriClient::connect(cd.socket(), Duration::from_secs(120))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut outcomes = Vec::new();
     for &rt in cd.runtimes() {
         eprintln!("== {rt}");
-        let outcome = pod_flow(&cd, &mut cri, rt).await;
-        eprintln!("{rt}: {outcome:?}");
+        let outcome = flow(cd, &mut cri, rt).await;
+        eprintln!("{rt}: {outcome:#?}");
         outcomes.push((rt, outcome));
         if let Err(e) = cd.wait_until_clean(CRI_NAMESPACE) {
             panic!("{rt}: {e}");
         }
     }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_with_two_containers_as_crictl_drives_it() {
+    let Some(cd) = start_for_test("pod_with_two_containers_as_crictl_drives_it") else {
+        return;
+    };
+    let outcomes = for_each_runtime(&cd, pod_flow).await;
     assert_eq!(
         same_as_runc(&outcomes),
         &PodOutcome {
@@ -203,5 +230,369 @@ async fn pod_with_two_containers_as_crictl_drives_it() {
             stopped: (ContainerState::ContainerExited, 137),
             listed_after: (Vec::new(), Vec::new()),
         }
+    );
+}
+
+/// The same flow on a containerd whose configuration the harness wrote by hand, naming both
+/// runtimes (an operator's own file rather than `rund install`'s edit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_on_a_hand_written_containerd_config() {
+    let test = "pod_on_a_hand_written_containerd_config";
+    let options = Options {
+        world: World::Fixture,
+        ..Options::default()
+    };
+    let Some(cd) = start_for_test_with(test, options) else {
+        return;
+    };
+    let outcomes =
+        for_each_runtime(&cd, async |cd, cri, rt| pod_flow(cd, cri, rt).await.exec).await;
+    assert_eq!(
+        same_as_runc(&outcomes),
+        &("out\n".to_string(), "err\n".to_string(), 3)
+    );
+}
+
+/// What the fields a kubelet sets did, seen from inside the containers and through CRI.
+#[derive(Debug, PartialEq)]
+struct FieldsOutcome {
+    /// The long-running container (user 1000:1000, supplemental groups, env, a working directory
+    /// the image lacks, a read-only root, no_new_privs): its log lines.
+    identity: Vec<String>,
+    /// ExecSync in it: `id` (an exec takes the container's user).
+    exec_identity: String,
+    /// Root with capabilities added and dropped: its CapEff, CapBnd and NoNewPrivs lines.
+    capabilities: Vec<String>,
+    /// A container from the image without `Env`, its command absolute: exit code and log lines.
+    without_env: (i32, Vec<String>),
+    /// A 48 MiB allocation by ExecSync under the 64 MiB limit, then after
+    /// UpdateContainerResources lowered it to 32 MiB: the exit codes.
+    allocation_before_and_after_update: (i32, i32),
+    /// ContainerStats: CPU used, memory in use; ListContainerStats lists the container.
+    stats: (bool, bool, bool),
+    /// A container that exits, removed, then made again as attempt 1 (a kubelet's restart): the
+    /// second one's attempt, state and exit code.
+    restarted: (u32, ContainerState, i32),
+    /// The running container after StopPodSandbox: state, exit code.
+    stopped: (ContainerState, i32),
+    /// What the CRI plugin still lists after RemovePodSandbox.
+    listed_after: (Vec<String>, Vec<String>),
+}
+
+fn linux_config(
+    resources: Option<LinuxContainerResources>,
+    security: LinuxContainerSecurityContext,
+) -> Option<LinuxContainerConfig> {
+    Some(LinuxContainerConfig {
+        resources,
+        security_context: Some(security),
+    })
+}
+
+fn memory_limit(mib: i64) -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        cpu_shares: 512,
+        memory_limit_in_bytes: mib << 20,
+        ..LinuxContainerResources::default()
+    }
+}
+
+async fn log_of(log_dir: &std::path::Path, file: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(log_dir.join(file)).unwrap_or_default();
+    log_lines(&log, "stdout")
+        .into_iter()
+        .chain(log_lines(&log, "stderr"))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn fields_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> FieldsOutcome {
+    let name = cd.unique_id("fields", rt);
+    let log_dir = cd.dir().join(format!("logs-{name}"));
+    std::fs::create_dir_all(&log_dir).expect("mkdir log dir");
+    let cgroup = PodCgroup::make(&name).unwrap_or_else(|e| panic!("{rt}: kubelet: {e}"));
+    let pod = host_network_pod_config_in(&name, &name, &log_dir, &cgroup.parent);
+    eprintln!("{rt}: RunPodSandbox in {}", cgroup.parent);
+    let pod_id = cri
+        .run_pod_sandbox(&pod, rt.name())
+        .await
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    let fail = |what: &str, e: CriError| -> ! { panic!("{rt}: {what}: {e}") };
+
+    let mut main = container_config(
+        "main",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "id; pwd; echo \"FOO=$FOO\"; grep NoNewPrivs /proc/self/status; \
+             touch /written 2>/dev/null && echo root-writable || echo root-read-only; \
+             exec sleep 1000",
+        ],
+        "main.log",
+    );
+    main.working_dir = "/srv/app".into();
+    main.envs = vec![KeyValue {
+        key: "FOO".into(),
+        value: "bar".into(),
+    }];
+    main.linux = linux_config(
+        Some(memory_limit(64)),
+        LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value { value: 1000 }),
+            run_as_group: Some(Int64Value { value: 1000 }),
+            supplemental_groups: vec![2000, 3000],
+            readonly_rootfs: true,
+            no_new_privs: true,
+            ..LinuxContainerSecurityContext::default()
+        },
+    );
+    let mut caps = container_config(
+        "caps",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status",
+        ],
+        "caps.log",
+    );
+    caps.linux = linux_config(
+        None,
+        LinuxContainerSecurityContext {
+            capabilities: Some(Capability {
+                add_capabilities: vec!["NET_ADMIN".into(), "SYS_TIME".into()],
+                drop_capabilities: vec!["CHOWN".into(), "KILL".into()],
+                ..Capability::default()
+            }),
+            no_new_privs: true,
+            ..LinuxContainerSecurityContext::default()
+        },
+    );
+    let without_env = container_config(
+        "noenv",
+        BUSYBOX_NOENV_IMAGE,
+        &["/bin/sh", "-c", "echo \"PATH=[$PATH]\"; /bin/pwd"],
+        "noenv.log",
+    );
+
+    let mut ids = Vec::new();
+    for config in [&main, &caps, &without_env] {
+        eprintln!(
+            "{rt}: CreateContainer {}",
+            config.metadata.as_ref().map_or("", |m| &m.name)
+        );
+        let id = match cri.create_container(&pod_id, config, &pod).await {
+            Ok(id) => id,
+            Err(e) => fail("CreateContainer", e),
+        };
+        if let Err(e) = cri.start_container(&id).await {
+            fail("StartContainer", e);
+        }
+        ids.push(id);
+    }
+    let (main_id, caps_id, noenv_id) = (&ids[0], &ids[1], &ids[2]);
+    for id in [caps_id, noenv_id] {
+        cri.wait_exited(id, COMMAND_TIMEOUT)
+            .await
+            .expect("ContainerStatus");
+    }
+    let noenv_status = cri
+        .container_status(noenv_id)
+        .await
+        .expect("ContainerStatus");
+    // The main container has printed its lines once it sleeps.
+    let exec_client = cri.clone();
+    let exec = |cmd: &'static [&'static str]| {
+        let mut cri = exec_client.clone();
+        let id = main_id.clone();
+        async move {
+            cri.exec_sync(&id, cmd, COMMAND_TIMEOUT)
+                .await
+                .unwrap_or_else(|e| panic!("{rt}: ExecSync {cmd:?}: {e}"))
+        }
+    };
+    let id_out = exec(&["id"]).await;
+    let allocate: &'static [&'static str] =
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1"];
+    let before = exec(allocate).await.exit_code;
+    if let Err(e) = cri
+        .update_container_resources(main_id, &memory_limit(32))
+        .await
+    {
+        fail("UpdateContainerResources", e);
+    }
+    let after = exec(allocate).await.exit_code;
+
+    let stats = cri.container_stats(main_id).await.expect("ContainerStats");
+    let cpu = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .is_some_and(|v| v.value > 0);
+    let memory = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .is_some_and(|v| v.value > 0);
+    let listed = cri
+        .list_container_stats(&pod_id)
+        .await
+        .expect("ListContainerStats")
+        .iter()
+        .any(|s| s.attributes.as_ref().is_some_and(|a| &a.id == main_id));
+
+    // A kubelet's restart of an exited container: remove attempt 0, create attempt 1.
+    let mut once = container_config("once", BUSYBOX_IMAGE, &["sh", "-c", "exit 4"], "once.log");
+    let first = cri
+        .create_container(&pod_id, &once, &pod)
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&first).await.expect("StartContainer");
+    cri.wait_exited(&first, COMMAND_TIMEOUT)
+        .await
+        .expect("ContainerStatus");
+    cri.remove_container(&first).await.expect("RemoveContainer");
+    once.metadata.as_mut().expect("metadata").attempt = 1;
+    once.command = vec!["sh".into(), "-c".into(), "exit 5".into()];
+    let second = cri
+        .create_container(&pod_id, &once, &pod)
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&second).await.expect("StartContainer");
+    let status = cri
+        .wait_exited(&second, COMMAND_TIMEOUT)
+        .await
+        .expect("ContainerStatus");
+    let restarted = (
+        status.metadata.as_ref().map_or(u32::MAX, |m| m.attempt),
+        status.state(),
+        status.exit_code,
+    );
+
+    let identity = log_of(&log_dir, "main.log").await;
+    eprintln!("{rt}: StopPodSandbox with {main_id} running");
+    cri.stop_pod_sandbox(&pod_id).await.expect("StopPodSandbox");
+    let status = cri
+        .container_status(main_id)
+        .await
+        .expect("ContainerStatus");
+    let stopped = (status.state(), status.exit_code);
+    cri.remove_pod_sandbox(&pod_id)
+        .await
+        .expect("RemovePodSandbox");
+    let listed_after = (
+        cri.list_pod_sandboxes().await.expect("ListPodSandbox"),
+        cri.list_containers().await.expect("ListContainers"),
+    );
+    drop(cgroup);
+    FieldsOutcome {
+        identity,
+        exec_identity: String::from_utf8_lossy(&id_out.stdout).trim().to_string(),
+        capabilities: log_of(&log_dir, "caps.log").await,
+        without_env: (noenv_status.exit_code, log_of(&log_dir, "noenv.log").await),
+        allocation_before_and_after_update: (before, after),
+        stats: (cpu, memory, listed),
+        restarted,
+        stopped,
+        listed_after,
+    }
+}
+
+/// A pod as a kubelet sends it: in its QoS class's pod cgroup, with the container fields a kubelet
+/// sets (security context, working directory, env, resources and their update, stats, a restart
+/// with a new attempt, StopPodSandbox with a container running), each compared with runc's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_pod_fields_behave_as_under_runc() {
+    let Some(cd) = start_for_test("kubelet_pod_fields_behave_as_under_runc") else {
+        return;
+    };
+    let outcomes = for_each_runtime(&cd, fields_flow).await;
+    let runc = same_as_runc(&outcomes);
+    // runc's own outcome, checked against what Kubernetes documents, so that a runc change
+    // cannot make both agree on something wrong.
+    assert_eq!(
+        runc.identity,
+        [
+            "uid=1000 gid=1000 groups=1000,2000,3000",
+            "/srv/app",
+            "FOO=bar",
+            "NoNewPrivs:\t1",
+            "root-read-only"
+        ]
+    );
+    assert_eq!(
+        runc.exec_identity,
+        "uid=1000 gid=1000 groups=1000,2000,3000"
+    );
+    assert_eq!(runc.allocation_before_and_after_update, (0, 137));
+    assert_eq!(runc.stats, (true, true, true));
+    assert_eq!(runc.restarted, (1, ContainerState::ContainerExited, 5));
+    assert_eq!(runc.stopped, (ContainerState::ContainerExited, 137));
+    assert_eq!(runc.listed_after, (Vec::new(), Vec::new()));
+}
+
+/// Three containers in one pod, each outgrowing its 32 MiB limit: state, exit code and reason of
+/// each.
+async fn oom_flow(
+    cd: &Containerd,
+    cri: &mut CriClient,
+    rt: Runtime,
+) -> Vec<(ContainerState, i32, String)> {
+    let name = cd.unique_id("oom", rt);
+    let log_dir = cd.dir().join(format!("logs-{name}"));
+    std::fs::create_dir_all(&log_dir).expect("mkdir log dir");
+    let pod = host_network_pod_config(&name, &name, &log_dir);
+    let pod_id = cri
+        .run_pod_sandbox(&pod, rt.name())
+        .await
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    let mut kills = Vec::new();
+    for attempt in 0..3 {
+        let mut hog = container_config(
+            &format!("hog{attempt}"),
+            BUSYBOX_IMAGE,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+            &format!("hog{attempt}.log"),
+        );
+        hog.linux = linux_config(
+            Some(memory_limit(32)),
+            LinuxContainerSecurityContext::default(),
+        );
+        let id = cri
+            .create_container(&pod_id, &hog, &pod)
+            .await
+            .unwrap_or_else(|e| panic!("{rt}: {e}"));
+        cri.start_container(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{rt}: {e}"));
+        let status = cri.wait_exited(&id, COMMAND_TIMEOUT).await.expect("status");
+        kills.push((status.state(), status.exit_code, status.reason));
+    }
+    cri.stop_pod_sandbox(&pod_id).await.expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&pod_id)
+        .await
+        .expect("RemovePodSandbox");
+    kills
+}
+
+/// A container that outgrows its memory limit is reported as OOMKilled, every time (containerd
+/// takes the reason from the TaskOOM event, which must come before TaskExit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_kill_is_reported_as_one_every_time() {
+    let Some(cd) = start_for_test("an_oom_kill_is_reported_as_one_every_time") else {
+        return;
+    };
+    let outcomes = for_each_runtime(&cd, oom_flow).await;
+    let killed = (
+        ContainerState::ContainerExited,
+        137,
+        "OOMKilled".to_string(),
+    );
+    assert_eq!(
+        same_as_runc(&outcomes),
+        &vec![killed.clone(), killed.clone(), killed]
     );
 }

@@ -139,15 +139,16 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
 
     // A guest that never answers: its kernel finds no init and, told `panic=0`, waits forever
     // instead of rebooting. The agent's timeout says where the vCPUs are, what the devices
-    // hold, and how the console ends.
+    // hold, and how the console ends. 20 s: the nested guest may still be unpacking its
+    // initramfs at 5 s, before it panics.
     let err = run_with_config(&cd, "noanswer", |good| {
-        good.replace(
-            "[guest]\n",
-            "[guest]\nagent_timeout_secs = 5\nextra_cmdline = \"rdinit=/nonexistent panic=0\"\n",
-        )
+        let mut doc: toml_edit::DocumentMut = good.parse().expect("rund's configuration");
+        doc["guest"]["agent_timeout_secs"] = toml_edit::value(20);
+        doc["guest"]["extra_cmdline"] = toml_edit::value("rdinit=/nonexistent panic=0");
+        doc.to_string()
     });
     for part in [
-        "the agent did not answer within 5s of the VM's start; the microVM runs; its vCPUs:\nvCPU 0: ",
+        "the agent did not answer within 20s of the VM's start; the microVM runs; its vCPUs:\nvCPU 0: ",
         "\nvirtio devices:\n",
         "\nvirtio-vsock: ",
         "; the guest console ends with:\n",
@@ -169,6 +170,7 @@ fn rootfs_of_an_unsupported_type_gets_a_clear_error_and_leaves_nothing() {
     let test = "rootfs_of_an_unsupported_type_gets_a_clear_error_and_leaves_nothing";
     let options = Options {
         btrfs_snapshotter: true,
+        ..Options::default()
     };
     let Some(cd) = start(test, options) else {
         return;

@@ -1,7 +1,7 @@
 //! The test images, built locally (no registry is reachable): a busybox image (busybox-static
 //! with its applet symlinks) and a pause image (the same layer; its entrypoint waits for SIGTERM
-//! or SIGINT and exits 0), as two tags of one OCI layout made with `umoci`, archived with `tar`
-//! for `ctr image import`.
+//! or SIGINT and exits 0), each also without `Env`, as four tags of one OCI layout made with
+//! `umoci`, archived with `tar` for `ctr image import`.
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -13,8 +13,14 @@ pub const BUSYBOX: &str = "/bin/busybox";
 pub const IMAGE_BASE_NAME: &str = "rund.test/e2e";
 /// The busybox image: `sh` by default, PATH set.
 pub const BUSYBOX_IMAGE: &str = "rund.test/e2e:busybox";
-/// The pause image: containerd's CRI `sandbox_image`.
+/// The pause image: containerd's CRI `sandbox_image` in the harness's own configuration.
 pub const PAUSE_IMAGE: &str = "rund.test/e2e:pause";
+/// The busybox image without `Env` (no `PATH`), as images built FROM scratch often are.
+pub const BUSYBOX_NOENV_IMAGE: &str = "rund.test/e2e:busybox-noenv";
+/// The pause image without `Env` and with an absolute entrypoint (as `registry.k8s.io/pause` is
+/// built): what a node's containerd starts pods from (the harness tags it with the name the
+/// node's configuration expects).
+pub const PAUSE_NOENV_IMAGE: &str = "rund.test/e2e:pause-noenv";
 /// A file of the image layer, and its content: tests check that writes in a container never
 /// change it on the host.
 pub const IMAGE_FILE: &str = "etc/image-file";
@@ -22,7 +28,7 @@ pub const IMAGE_FILE_CONTENT: &str = "from-the-image\n";
 
 /// The pause process: waits (in short sleeps, so that a signal is handled at once) and exits 0
 /// on SIGTERM or SIGINT. As PID 1 of its PID namespace it must handle them itself.
-const PAUSE_SCRIPT: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+const PAUSE_SCRIPT: &str = "trap 'exit 0' TERM INT; while :; do /bin/sleep 3600 & wait $!; done";
 const IMAGE_PATH_ENV: &str = "PATH=/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +116,7 @@ pub fn image_root(root: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Builds both images under `dir` (which must exist and be empty).
+/// Builds the images (four tags of one layer) under `dir` (which must exist and be empty).
 pub fn build(dir: &Path) -> Result<Images, ImageError> {
     let rootfs = dir.join("rootfs");
     image_root(&rootfs)?;
@@ -152,6 +158,19 @@ pub fn build(dir: &Path) -> Result<Images, ImageError> {
             PAUSE_SCRIPT,
         ],
     )?;
+    for (from, tag) in [("busybox", "busybox-noenv"), ("pause", "pause-noenv")] {
+        run(
+            "umoci",
+            &[
+                "config",
+                "--image",
+                &format!("{layout_s}:{from}"),
+                "--tag",
+                tag,
+                "--clear=config.env",
+            ],
+        )?;
+    }
     run("umoci", &["gc", "--layout", &layout_s])?;
     let archive = dir.join("images.tar");
     run(
