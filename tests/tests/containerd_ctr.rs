@@ -147,6 +147,122 @@ fn wait_child(mut child: Child, what: &str) -> Option<i32> {
     }
 }
 
+/// An attached `ctr run --rm` (stdin /dev/null) whose stdout and stderr are read as they come,
+/// so that a ctr that gives up early is reported at once, with what it said.
+struct AttachedRun<'a> {
+    cd: &'a Containerd,
+    id: String,
+    child: Child,
+    stdout: mpsc::Receiver<Vec<u8>>,
+    stderr: mpsc::Receiver<Vec<u8>>,
+    got: Vec<u8>,
+    said: Vec<u8>,
+}
+
+impl<'a> AttachedRun<'a> {
+    fn spawn(cd: &'a Containerd, rt: Runtime, id: &str, cmd: &[&str]) -> Self {
+        let args = run_args(rt, id, &[], cmd);
+        eprintln!("$ ctr {} (attached)", args.join(" "));
+        let mut child = cd
+            .ctr_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ctr");
+        let stdout = stream_in_background(child.stdout.take().expect("stdout"));
+        let stderr = stream_in_background(child.stderr.take().expect("stderr"));
+        AttachedRun {
+            cd,
+            id: id.to_string(),
+            child,
+            stdout,
+            stderr,
+            got: Vec::new(),
+            said: Vec::new(),
+        }
+    }
+
+    /// What ctr wrote to stderr so far, and its exit status if it has exited.
+    fn report(&mut self) -> String {
+        while let Ok(chunk) = self.stderr.try_recv() {
+            self.said.extend(chunk);
+        }
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => format!("exited with {status}"),
+            Ok(None) => "still running".to_string(),
+            Err(e) => format!("status unknown ({e})"),
+        };
+        format!(
+            "ctr {status}; its stderr: {:?}",
+            String::from_utf8_lossy(&self.said)
+        )
+    }
+
+    fn collect_stdout_until(&mut self, text: &str) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while !String::from_utf8_lossy(&self.got).contains(text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(chunk) => self.got.extend(chunk),
+                Err(e) => {
+                    // Closed: ctr exited; give it a moment so that its status is known.
+                    let _ = wait_with_deadline(
+                        &mut self.child,
+                        Instant::now() + Duration::from_secs(5),
+                    );
+                    let report = self.report();
+                    panic!(
+                        "{}: waiting for {text:?} on stdout: {e}; got so far: {:?}; {report}",
+                        self.id,
+                        String::from_utf8_lossy(&self.got),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits until `ctr task ls` shows the task in `status`; fails at once if ctr exits first.
+    fn wait_for_status(&mut self, status: &str) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let now = task_status(self.cd, &self.id);
+            if now.as_deref() == Some(status) {
+                return;
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) || Instant::now() >= deadline {
+                let report = self.report();
+                panic!(
+                    "task {} never reached {status} (now {now:?}); {report}",
+                    self.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for ctr to exit; returns all of its stdout and its exit code.
+    fn finish(mut self, what: &str) -> (String, Option<i32>) {
+        let code = match wait_with_deadline(&mut self.child, Instant::now() + COMMAND_TIMEOUT) {
+            Ok(Some(status)) => status.code(),
+            Ok(None) => panic!(
+                "{what}: still running after {COMMAND_TIMEOUT:?}; {}",
+                self.report()
+            ),
+            Err(e) => panic!("{what}: {e}"),
+        };
+        while let Ok(chunk) = self.stdout.recv_timeout(Duration::from_secs(5)) {
+            self.got.extend(chunk);
+        }
+        let said = self.report();
+        if !self.said.is_empty() {
+            eprintln!("{what}: {said}");
+        }
+        (String::from_utf8_lossy(&self.got).into_owned(), code)
+    }
+}
+
 #[test]
 fn output_and_exit_codes() {
     let Some(cd) = start_for_test("output_and_exit_codes") else {
@@ -340,41 +456,18 @@ fn kill_with_sigterm_and_sigkill() {
     let term_script =
         "trap 'echo got-TERM; exit 143' TERM; echo ready; while :; do sleep 1 & wait $!; done";
     let outcomes = cd.for_each_runtime(CTR_NAMESPACE, |rt| {
-        let spawn_attached = |id: &str, cmd: &[&str]| {
-            let args = run_args(rt, id, &[], cmd);
-            eprintln!("$ ctr {} (attached)", args.join(" "));
-            cd.ctr_command()
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn ctr")
-        };
-
         let term_id = cd.unique_id("sigterm", rt);
-        let mut child = spawn_attached(&term_id, &["sh", "-c", term_script]);
-        let rx = stream_in_background(child.stdout.take().expect("stdout"));
-        let mut got = Vec::new();
-        collect_until(&rx, &mut got, COMMAND_TIMEOUT, "ready", |g| {
-            String::from_utf8_lossy(g).contains("ready\n")
-        });
+        let mut term = AttachedRun::spawn(&cd, rt, &term_id, &["sh", "-c", term_script]);
+        term.collect_stdout_until("ready\n");
         ctr_ok(&cd, &["task", "kill", "-s", "SIGTERM", &term_id]);
-        let term_code = wait_child(child, "ctr run (SIGTERM)");
-        while let Ok(chunk) = rx.recv_timeout(Duration::from_secs(5)) {
-            got.extend(chunk);
-        }
+        let (term_out, term_code) = term.finish("ctr run (SIGTERM)");
 
         let kill_id = cd.unique_id("sigkill", rt);
-        let child = spawn_attached(&kill_id, &["sleep", "1000"]);
-        wait_for_status(&cd, &kill_id, "RUNNING");
+        let mut kill = AttachedRun::spawn(&cd, rt, &kill_id, &["sleep", "1000"]);
+        kill.wait_for_status("RUNNING");
         ctr_ok(&cd, &["task", "kill", "-s", "SIGKILL", &kill_id]);
-        let kill_code = wait_child(child, "ctr run (SIGKILL)");
-        (
-            String::from_utf8_lossy(&got).into_owned(),
-            term_code,
-            kill_code,
-        )
+        let (_, kill_code) = kill.finish("ctr run (SIGKILL)");
+        (term_out, term_code, kill_code)
     });
     assert_eq!(
         same_as_runc(&outcomes),
