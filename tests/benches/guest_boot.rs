@@ -1,16 +1,19 @@
 //! In a KVM that runs Linux guests (the testbed): (b) VMM start to the guest init's marker, the
-//! condensed kernel against Debian's stock kernel, same VMM, same run, interleaved; (d) the memory of
+//! condensed kernel against Debian's stock kernel, same VMM, same run, interleaved; then, as
+//! processes, rund-vmm against QEMU's microvm machine (the peer a user would otherwise reach for)
+//! booting the same condensed bzImage, initramfs and command line, interleaved; (d) the memory of
 //! the `rund-vmm` process running the condensed kernel, guest RAM left out.
 //!
 //! Environment: RUND_GUEST_KERNEL_DIR, RUND_STOCK_KERNEL (as for the guest tests), RUND_VMM_BIN (the
-//! rund-vmm binary), RUND_BENCH_RUNS (boots per kernel, default 5).
+//! rund-vmm binary), RUND_QEMU_BIN (default qemu-system-x86_64), RUND_BENCH_RUNS (boots per
+//! kernel, default 5).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rund_tests::initramfs::{write_busybox_initramfs, BUSYBOX, MARKER_INIT};
-use rund_tests::{boot_once, GuestKernel, GUEST_CMDLINE, MARKER};
+use rund_tests::{boot_once, GuestKernel, BOOT_TIMEOUT, GUEST_CMDLINE, MARKER};
 
 /// Prints the marker, then stays up long enough to be measured.
 const MARKER_THEN_IDLE_INIT: &str = "#!/bin/busybox sh
@@ -53,6 +56,136 @@ fn boot_times(initrd: &Path, runs: usize) -> (Vec<Duration>, Vec<Duration>, usiz
         }
     }
     (c, s, failed)
+}
+
+/// A VMM run as a process, from its start to the marker in its serial console file; the process
+/// is killed if it has not exited 30 s after the marker.
+fn process_boot(mut cmd: Command, console: &Path) -> Result<Duration, String> {
+    let _ = std::fs::remove_file(console);
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let result = loop {
+        let seen = std::fs::read_to_string(console).unwrap_or_default();
+        if seen.contains(MARKER) {
+            break Ok(start.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            break Err(format!("ended ({status}) before the marker: {err}{seen}"));
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            break Err(format!("no marker after {BOOT_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn rund_vmm_command(vmm_bin: &Path, kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut cmd = Command::new(vmm_bin);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args([
+            "--vcpus",
+            "1",
+            "--mem-mib",
+            "256",
+            "--cmdline",
+            GUEST_CMDLINE,
+        ])
+        .arg("--serial")
+        .arg(console);
+    cmd
+}
+
+/// QEMU's microvm machine with what rund-vmm gives the guest: KVM, the host's CPU, the PIC, PIT
+/// and IOAPIC, an MP table and no ACPI (the condensed kernel has none), no RTC, no option ROMs,
+/// and the serial port, which writes to `console`.
+fn qemu_microvm_command(qemu_bin: &Path, kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut cmd = Command::new(qemu_bin);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,acpi=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+    ])
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", GUEST_CMDLINE, "-serial"])
+    .arg(format!("file:{}", console.display()));
+    cmd
+}
+
+/// rund-vmm and QEMU microvm, each started as a process, alternating.
+fn peer_boot_times(
+    vmm_bin: &Path,
+    qemu_bin: &Path,
+    initrd: &Path,
+    dir: &Path,
+    runs: usize,
+) -> (Vec<Duration>, Vec<Duration>, usize) {
+    let kernel = GuestKernel::CondensedBzImage
+        .path()
+        .expect("condensed bzImage");
+    let console = dir.join("peer-console.log");
+    let (mut rund, mut qemu, mut failed) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..runs {
+        let commands = [
+            (
+                "rund-vmm",
+                rund_vmm_command(vmm_bin, &kernel, initrd, &console),
+            ),
+            (
+                "qemu microvm",
+                qemu_microvm_command(qemu_bin, &kernel, initrd, &console),
+            ),
+        ];
+        for ((name, cmd), out) in commands.into_iter().zip([&mut rund, &mut qemu]) {
+            match process_boot(cmd, &console) {
+                Ok(d) => out.push(d),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{name} boot failed: {e}");
+                }
+            }
+        }
+    }
+    (rund, qemu, failed)
+}
+
+fn list(v: &[Duration]) -> Vec<String> {
+    v.iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64()))
+        .collect()
 }
 
 /// Rss and Pss in KiB of the whole process and of its guest-RAM mapping.
@@ -149,21 +282,48 @@ fn main() {
     println!(
         "  condensed vmlinux   median {}   all: {:?}",
         secs(cm),
-        c.iter()
-            .map(|d| format!("{:.2}", d.as_secs_f64()))
-            .collect::<Vec<_>>()
+        list(&c)
     );
     println!(
         "  stock bzImage       median {}   all: {:?}",
         secs(sm),
-        s.iter()
-            .map(|d| format!("{:.2}", d.as_secs_f64()))
-            .collect::<Vec<_>>()
+        list(&s)
     );
     if let (Some(cm), Some(sm)) = (cm, sm) {
         println!(
             "  ratio stock/condensed: {:.2}x   (target: at least 3x)",
             sm.as_secs_f64() / cm.as_secs_f64()
+        );
+    }
+    if failed > 0 {
+        println!("  boots that failed before the marker: {failed}");
+    }
+
+    let vmm_bin =
+        PathBuf::from(std::env::var_os("RUND_VMM_BIN").unwrap_or_else(|| "rund-vmm".into()));
+    let qemu_bin = PathBuf::from(
+        std::env::var_os("RUND_QEMU_BIN").unwrap_or_else(|| "qemu-system-x86_64".into()),
+    );
+    let (mut r, mut q, failed) = peer_boot_times(&vmm_bin, &qemu_bin, &initrd, dir.path(), runs);
+    let (rm, qm) = (median(&mut r), median(&mut q));
+    println!(
+        "bench-boot (b): process start to the init marker, condensed bzImage, 1 vCPU, 256 MiB, \
+         {runs} boots each, interleaved"
+    );
+    println!(
+        "  rund-vmm            median {}   all: {:?}",
+        secs(rm),
+        list(&r)
+    );
+    println!(
+        "  qemu -M microvm     median {}   all: {:?}",
+        secs(qm),
+        list(&q)
+    );
+    if let (Some(rm), Some(qm)) = (rm, qm) {
+        println!(
+            "  ratio rund-vmm/qemu: {:.2}x   (target: at most 1x)",
+            rm.as_secs_f64() / qm.as_secs_f64()
         );
     }
     if failed > 0 {
@@ -183,8 +343,6 @@ fn main() {
     let idle_initrd = dir.path().join("idle.cpio");
     write_busybox_initramfs(BUSYBOX.as_ref(), MARKER_THEN_IDLE_INIT, &idle_initrd)
         .expect("initramfs");
-    let vmm_bin =
-        PathBuf::from(std::env::var_os("RUND_VMM_BIN").unwrap_or_else(|| "rund-vmm".into()));
     println!("bench-boot (d): rund-vmm process memory with the condensed kernel at its init, 256 MiB guest");
     match vmm_memory(&vmm_bin, &idle_initrd, dir.path()) {
         Ok(m) => {
