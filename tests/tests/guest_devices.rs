@@ -21,7 +21,7 @@ use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::testing::ProcessFootprint;
-use vmm::{SerialOutput, Vm, VmConfig, VmExit};
+use vmm::{SerialOutput, Vm, VmConfig, VmExit, VmHandle};
 
 /// Guest port the probe listens on; the host connects there through the VMM's socket.
 const GUEST_PORT: u32 = 5000;
@@ -34,7 +34,9 @@ const SECRET: &str = "RUND-SECRET-OUTSIDE-THE-SHARE";
 /// Small files in the read-only share (the benchmark reads 10,000; the nested testbed lists
 /// about 500 a second, so the test keeps fewer).
 const SMALL_FILES: usize = 2000;
-const TIMEOUT: Duration = Duration::from_secs(1200);
+/// Twice the slowest run seen in the testbed (about 6 min), below nextest's guest-test timeout so
+/// that a hung guest is reported here, with its vCPUs and devices.
+const TIMEOUT: Duration = Duration::from_secs(720);
 
 /// Bytes per stream: 100 MB, as the devices issue asks; `RUND_VSOCK_TEST_BYTES` may lower it
 /// for a quick local run.
@@ -233,14 +235,15 @@ fn initramfs(f: &Fixture) -> PathBuf {
     out
 }
 
-fn wait_for(console: &MarkerConsole, what: &str, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
+/// Waits until the console shows `what`; gives up at `deadline` or as soon as the VM has ended.
+fn wait_for(console: &MarkerConsole, what: &str, deadline: Instant, vm: &VmHandle) -> bool {
+    while Instant::now() < deadline && vm.exit_reason().is_none() {
         if console.text().contains(what) {
             return true;
         }
         thread::sleep(Duration::from_millis(50));
     }
-    false
+    console.text().contains(what)
 }
 
 /// Host side of the guest-initiated streams: accepts `STREAMS` connections on `<socket>_PORT`.
@@ -331,7 +334,7 @@ fn devices_serve_the_linux_drivers() {
     let deadline = start + TIMEOUT;
     let mut handle = Vm::new(config).unwrap().start().unwrap();
 
-    let ready = wait_for(&console, "RUND-VSOCK-READY", deadline);
+    let ready = wait_for(&console, "RUND-VSOCK-READY", deadline, &handle);
     let mut host_streams = Vec::new();
     if ready {
         for i in 0..STREAMS as u64 {
@@ -348,8 +351,8 @@ fn devices_serve_the_linux_drivers() {
     let vsock_done = Instant::now();
     let exit = handle.wait_timeout(deadline.saturating_duration_since(Instant::now()));
     // A guest still running at the deadline is described before it is stopped.
-    let report = match exit {
-        Some(_) => String::new(),
+    let report = match &exit {
+        Some(exit) => format!(" (the microVM stopped: {exit})"),
         None => {
             let report = format!("\n{}", handle.status_report());
             handle.shutdown();
