@@ -9,7 +9,7 @@
 //! kernel, default 5).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rund_tests::initramfs::{write_busybox_initramfs, BUSYBOX, MARKER_INIT};
@@ -58,9 +58,15 @@ fn boot_times(initrd: &Path, runs: usize) -> (Vec<Duration>, Vec<Duration>, usiz
     (c, s, failed)
 }
 
-/// A VMM run as a process, from its start to the marker in its serial console file; the process
-/// is killed if it has not exited 30 s after the marker.
-fn process_boot(mut cmd: Command, console: &Path) -> Result<Duration, String> {
+/// Runs a VMM process until the marker shows in its serial console file and returns what
+/// `at_marker` makes of the process and the time to the marker; the process is killed if it has
+/// not exited 30 s after the marker (or after `timeout` without one).
+fn run_to_marker<T>(
+    mut cmd: Command,
+    console: &Path,
+    timeout: Duration,
+    at_marker: impl FnOnce(&Child, Duration) -> Result<T, String>,
+) -> Result<T, String> {
     let _ = std::fs::remove_file(console);
     let start = Instant::now();
     let mut child = cmd
@@ -72,7 +78,7 @@ fn process_boot(mut cmd: Command, console: &Path) -> Result<Duration, String> {
     let result = loop {
         let seen = std::fs::read_to_string(console).unwrap_or_default();
         if seen.contains(MARKER) {
-            break Ok(start.elapsed());
+            break at_marker(&child, start.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
             let mut err = String::new();
@@ -81,8 +87,8 @@ fn process_boot(mut cmd: Command, console: &Path) -> Result<Duration, String> {
             }
             break Err(format!("ended ({status}) before the marker: {err}{seen}"));
         }
-        if start.elapsed() > BOOT_TIMEOUT {
-            break Err(format!("no marker after {BOOT_TIMEOUT:?}"));
+        if start.elapsed() > timeout {
+            break Err(format!("no marker after {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -170,7 +176,7 @@ fn peer_boot_times(
             ),
         ];
         for ((name, cmd), out) in commands.into_iter().zip([&mut rund, &mut qemu]) {
-            match process_boot(cmd, &console) {
+            match run_to_marker(cmd, &console, BOOT_TIMEOUT, |_, d| Ok(d)) {
                 Ok(d) => out.push(d),
                 Err(e) => {
                     failed += 1;
@@ -182,10 +188,34 @@ fn peer_boot_times(
     (rund, qemu, failed)
 }
 
-fn list(v: &[Duration]) -> Vec<String> {
-    v.iter()
+/// Prints one series' median and every figure; returns the median.
+fn print_series(label: &str, times: &mut [Duration]) -> Option<Duration> {
+    let m = median(times);
+    let all: Vec<String> = times
+        .iter()
         .map(|d| format!("{:.2}", d.as_secs_f64()))
-        .collect()
+        .collect();
+    println!("  {label:<20}median {}   all: {all:?}", secs(m));
+    m
+}
+
+/// Prints `label`: `num`'s median over `den`'s and the target, when both exist, then the
+/// failed boots.
+fn print_ratio(
+    label: &str,
+    (num, den): (Option<Duration>, Option<Duration>),
+    target: &str,
+    failed: usize,
+) {
+    if let (Some(num), Some(den)) = (num, den) {
+        println!(
+            "  {label}: {:.2}x   (target: {target})",
+            num.as_secs_f64() / den.as_secs_f64()
+        );
+    }
+    if failed > 0 {
+        println!("  boots that failed before the marker: {failed}");
+    }
 }
 
 /// Rss and Pss in KiB of the whole process and of its guest-RAM mapping.
@@ -231,34 +261,11 @@ fn smaps(pid: u32) -> std::io::Result<Smaps> {
 fn vmm_memory(vmm_bin: &Path, initrd: &Path, dir: &Path) -> Result<Smaps, String> {
     let kernel = GuestKernel::CondensedElf.path()?;
     let console = dir.join("console.log");
-    let mut child = Command::new(vmm_bin)
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args(["--mem-mib", "256", "--cmdline", GUEST_CMDLINE, "--serial"])
-        .arg(&console)
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", vmm_bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let result = loop {
-        let seen = std::fs::read_to_string(&console).unwrap_or_default();
-        if seen.contains(MARKER) {
-            break smaps(child.id()).map_err(|e| e.to_string());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!(
-                "rund-vmm ended ({status}) before the marker:\n{seen}"
-            ));
-        }
-        if Instant::now() > deadline {
-            break Err("no marker after 120 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.wait();
-    result
+    let cmd = rund_vmm_command(vmm_bin, &kernel, initrd, &console);
+    run_to_marker(cmd, &console, Duration::from_secs(120), |child, _| {
+        smaps(child.id()).map_err(|e| e.to_string())
+    })
+    .map_err(|e| format!("rund-vmm: {e}"))
 }
 
 fn size(p: &Path) -> String {
@@ -277,27 +284,10 @@ fn main() {
     write_busybox_initramfs(BUSYBOX.as_ref(), MARKER_INIT, &initrd).expect("initramfs");
 
     let (mut c, mut s, failed) = boot_times(&initrd, runs);
-    let (cm, sm) = (median(&mut c), median(&mut s));
     println!("bench-boot (b): VMM start to the guest's init marker, 1 vCPU, 256 MiB, {runs} boots each, interleaved");
-    println!(
-        "  condensed vmlinux   median {}   all: {:?}",
-        secs(cm),
-        list(&c)
-    );
-    println!(
-        "  stock bzImage       median {}   all: {:?}",
-        secs(sm),
-        list(&s)
-    );
-    if let (Some(cm), Some(sm)) = (cm, sm) {
-        println!(
-            "  ratio stock/condensed: {:.2}x   (target: at least 3x)",
-            sm.as_secs_f64() / cm.as_secs_f64()
-        );
-    }
-    if failed > 0 {
-        println!("  boots that failed before the marker: {failed}");
-    }
+    let cm = print_series("condensed vmlinux", &mut c);
+    let sm = print_series("stock bzImage", &mut s);
+    print_ratio("ratio stock/condensed", (sm, cm), "at least 3x", failed);
 
     let vmm_bin =
         PathBuf::from(std::env::var_os("RUND_VMM_BIN").unwrap_or_else(|| "rund-vmm".into()));
@@ -305,30 +295,13 @@ fn main() {
         std::env::var_os("RUND_QEMU_BIN").unwrap_or_else(|| "qemu-system-x86_64".into()),
     );
     let (mut r, mut q, failed) = peer_boot_times(&vmm_bin, &qemu_bin, &initrd, dir.path(), runs);
-    let (rm, qm) = (median(&mut r), median(&mut q));
     println!(
         "bench-boot (b): process start to the init marker, condensed bzImage, 1 vCPU, 256 MiB, \
          {runs} boots each, interleaved"
     );
-    println!(
-        "  rund-vmm            median {}   all: {:?}",
-        secs(rm),
-        list(&r)
-    );
-    println!(
-        "  qemu -M microvm     median {}   all: {:?}",
-        secs(qm),
-        list(&q)
-    );
-    if let (Some(rm), Some(qm)) = (rm, qm) {
-        println!(
-            "  ratio rund-vmm/qemu: {:.2}x   (target: at most 1x)",
-            rm.as_secs_f64() / qm.as_secs_f64()
-        );
-    }
-    if failed > 0 {
-        println!("  boots that failed before the marker: {failed}");
-    }
+    let rm = print_series("rund-vmm", &mut r);
+    let qm = print_series("qemu -M microvm", &mut q);
+    print_ratio("ratio rund-vmm/qemu", (rm, qm), "at most 1x", failed);
 
     let stock = GuestKernel::Stock.path().unwrap_or_default();
     let kdir = PathBuf::from(std::env::var_os("RUND_GUEST_KERNEL_DIR").unwrap_or_default());

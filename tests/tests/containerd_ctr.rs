@@ -73,16 +73,28 @@ fn task_status(cd: &Containerd, id: &str) -> Option<String> {
 }
 
 fn wait_for_status(cd: &Containerd, id: &str, status: &str) {
+    if let Err(now) = wait_for_status_unless(cd, id, status, || false) {
+        panic!("task {id} never reached {status} (now {now:?})");
+    }
+}
+
+/// Waits until the task shows `status`, up to [`COMMAND_TIMEOUT`] and while `abandon` does not
+/// hold; otherwise returns the status seen last.
+fn wait_for_status_unless(
+    cd: &Containerd,
+    id: &str,
+    status: &str,
+    mut abandon: impl FnMut() -> bool,
+) -> Result<(), Option<String>> {
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     loop {
         let now = task_status(cd, id);
         if now.as_deref() == Some(status) {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} never reached {status} (now {now:?})"
-        );
+        if Instant::now() >= deadline || abandon() {
+            return Err(now);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -125,17 +137,28 @@ fn collect_until(
     what: &str,
     done: impl Fn(&[u8]) -> bool,
 ) {
+    if let Err(e) = try_collect_until(rx, got, timeout, done) {
+        panic!(
+            "waiting for {what}: {e}; got so far: {:?}",
+            String::from_utf8_lossy(got)
+        );
+    }
+}
+
+/// Collects from `rx` until `done` holds for what arrived so far; fails when `rx` is closed or
+/// after `timeout`.
+fn try_collect_until(
+    rx: &mpsc::Receiver<Vec<u8>>,
+    got: &mut Vec<u8>,
+    timeout: Duration,
+    done: impl Fn(&[u8]) -> bool,
+) -> Result<(), mpsc::RecvTimeoutError> {
     let deadline = Instant::now() + timeout;
     while !done(got) {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => got.extend(chunk),
-            Err(e) => panic!(
-                "waiting for {what}: {e}; got so far: {:?}",
-                String::from_utf8_lossy(got)
-            ),
-        }
+        got.extend(rx.recv_timeout(left)?);
     }
+    Ok(())
 }
 
 /// Waits for a spawned ctr and returns its exit code.
@@ -201,44 +224,33 @@ impl<'a> AttachedRun<'a> {
     }
 
     fn collect_stdout_until(&mut self, text: &str) {
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        while !String::from_utf8_lossy(&self.got).contains(text) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(chunk) => self.got.extend(chunk),
-                Err(e) => {
-                    // Closed: ctr exited; give it a moment so that its status is known.
-                    let _ = wait_with_deadline(
-                        &mut self.child,
-                        Instant::now() + Duration::from_secs(5),
-                    );
-                    let report = self.report();
-                    panic!(
-                        "{}: waiting for {text:?} on stdout: {e}; got so far: {:?}; {report}",
-                        self.id,
-                        String::from_utf8_lossy(&self.got),
-                    );
-                }
-            }
+        let found = try_collect_until(&self.stdout, &mut self.got, COMMAND_TIMEOUT, |g| {
+            String::from_utf8_lossy(g).contains(text)
+        });
+        if let Err(e) = found {
+            // Closed: ctr exited; give it a moment so that its status is known.
+            let _ = wait_with_deadline(&mut self.child, Instant::now() + Duration::from_secs(5));
+            let report = self.report();
+            panic!(
+                "{}: waiting for {text:?} on stdout: {e}; got so far: {:?}; {report}",
+                self.id,
+                String::from_utf8_lossy(&self.got),
+            );
         }
     }
 
     /// Waits until `ctr task ls` shows the task in `status`; fails at once if ctr exits first.
     fn wait_for_status(&mut self, status: &str) {
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        loop {
-            let now = task_status(self.cd, &self.id);
-            if now.as_deref() == Some(status) {
-                return;
-            }
-            if !matches!(self.child.try_wait(), Ok(None)) || Instant::now() >= deadline {
-                let report = self.report();
-                panic!(
-                    "task {} never reached {status} (now {now:?}); {report}",
-                    self.id
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let child = &mut self.child;
+        let reached = wait_for_status_unless(self.cd, &self.id, status, || {
+            !matches!(child.try_wait(), Ok(None))
+        });
+        if let Err(now) = reached {
+            let report = self.report();
+            panic!(
+                "task {} never reached {status} (now {now:?}); {report}",
+                self.id
+            );
         }
     }
 
