@@ -1,14 +1,26 @@
 # shellcheck shell=bash
 # Shared by the ci/ scripts (sourced, not run).
 
+# The `ci/testbed run` options that make checkout $1 visible inside, one per line: the testbed
+# sees the host's root read-only but mounts fresh /tmp and /run, so a checkout living under them
+# (CI may clone there) is shared.
+testbed_repo_share() {
+    case $1 in /tmp/* | /run/*) printf '%s\n' --share "$1" ;; esac
+}
+
+# Prints the first lines of the outer kernel's oops (or the watchdog's or lockup's line) in
+# console log $1 to stderr: the tail of a console is mostly a register dump.
+print_oops() {
+    grep -m1 -A24 -E 'BUG:|Oops:|double fault|stack guard|soft lockup|testbed-watchdog' "$1" |
+        sed 's/^/  oops: /' >&2 || true
+}
+
 # Runs "$@" in the nested testbed where this host's KVM cannot run a Linux guest, directly otherwise.
-# The testbed sees the host's root read-only, but mounts fresh /tmp and /run: a checkout living under
-# them (CI may clone there) is shared into the testbed instead.
 # TESTBED_EXTRA_ARGS adds options of `ci/testbed run` (e.g. "--scratch 2G").
 in_guest_capable_kvm() {
     local repo share=() extra=()
     repo=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
-    case "$repo" in /tmp/* | /run/*) share=(--share "$repo") ;; esac
+    mapfile -t share < <(testbed_repo_share "$repo")
     read -ra extra <<<"${TESTBED_EXTRA_ARGS:-}"
     if ! ci/testbed needed 2>/dev/null; then
         "$@"
@@ -18,7 +30,7 @@ in_guest_capable_kvm() {
     # under KVM_RUN, an int3 left by code patching) or freezes (a soft lockup in KVM_RUN, or with no
     # nested guest at all; the testbed's watchdog kills it) every few hundred nested boots, which
     # says nothing of the command. Such a run is made up to $TESTBED_ATTEMPTS times (default 3), and
-    # says so; a caller that reruns only what the fault cut off sets 1.
+    # says so.
     local console rc attempt attempts=${TESTBED_ATTEMPTS:-3}
     console=$(mktemp -t rund-testbed-console.XXXXXX)
     for ((attempt = 1; attempt <= attempts; attempt++)); do
@@ -26,8 +38,7 @@ in_guest_capable_kvm() {
         ci/testbed run "${share[@]}" "${extra[@]}" --console-log "$console" \
             --timeout "${TESTBED_TIMEOUT:-2400}" -- "$@" || rc=$?
         if ((rc == 125)) && grep -qE 'Kernel panic|testbed-watchdog:' "$console"; then
-            # The oops' first lines (the tail printed above is mostly its register dump).
-            grep -m1 -A24 -E 'BUG:|Oops:|double fault|stack guard' "$console" | sed 's/^/  oops: /' >&2 || true
+            print_oops "$console"
             if ((attempt < attempts)); then
                 echo "ci: the testbed's outer VM panicked or froze (above): running '$*' once more" >&2
                 continue
