@@ -167,13 +167,13 @@ fn shim_memory(cd: &Containerd, args: &Args) -> Result<(), String> {
         }
         let m = measured?;
         let mib = |kib: u64| kib as f64 / 1024.0;
-        let own = m.pss_kib.saturating_sub(m.memfd_pss_kib);
+        let own = m.own_pss_kib();
         println!(
-            "  {rt:5} ({}): PSS {:7.2} MiB   without guest RAM (memfd) {:7.2} MiB   guest RAM {:7.2} MiB",
+            "  {rt:5} ({}): PSS {:7.2} MiB   without guest RAM {:7.2} MiB   guest RAM {:7.2} MiB",
             rt.shim_name(),
             mib(m.pss_kib),
             mib(own),
-            mib(m.memfd_pss_kib)
+            mib(m.guest_ram_pss_kib)
         );
         figure(format!("shim-pss-{rt}"), mib(m.pss_kib), "MiB");
         figure(format!("shim-pss-without-guest-ram-{rt}"), mib(own), "MiB");

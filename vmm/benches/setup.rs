@@ -6,15 +6,15 @@
 //! `cargo bench -p vmm --bench setup [-- RUNS]`
 
 use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmm::arch::regs::{boot_regs, boot_sregs, write_boot_tables};
+use vmm::memory::map_ram;
 use vmm::testing::{tiny_elf, Asm, PAYLOAD_ADDR};
 use vmm::{Vm, VmConfig};
 
@@ -51,18 +51,8 @@ fn floor_setup(code: &[u8]) -> Duration {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     let size = u64::from(MEM_MIB) << 20;
-    // SAFETY: a fresh memfd; the fd is checked and owned by the File.
-    let fd = unsafe { libc::memfd_create(c"floor".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd was just created and is owned by nothing else.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(size).unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        size as usize,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap();
+    // The same aligned, huge-page-advised RAM as the VMM's.
+    let mem = map_ram(&[(GuestAddress(0), size as usize)]).unwrap();
     let region = mem.iter().next().unwrap();
     let host = region
         .get_host_address(vm_memory::MemoryRegionAddress(0))

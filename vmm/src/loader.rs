@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{Bytes, GuestAddress, ReadVolatile};
 
 use crate::arch::layout::{HIMEM_START, KERNEL_DEFAULT_LOAD};
+use crate::memory::GuestRamMap;
 
 const PAGE_SIZE: u64 = 4096;
 const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
@@ -251,7 +252,7 @@ pub struct LoadedKernel {
 
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     path: &Path,
     info: &KernelInfo,
 ) -> Result<LoadedKernel, LoaderError> {
@@ -301,7 +302,7 @@ pub fn initrd_placement(size: u64, kernel_end: u64, limit: u64) -> Option<u64> {
 
 /// Loads the initrd at `path` just below `limit`.
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     path: &Path,
     kernel_end: u64,
     limit: u64,
@@ -332,7 +333,7 @@ pub fn load_initrd(
 }
 
 fn read_into<F: ReadVolatile>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     src: &mut F,
     addr: u64,
     len: usize,
@@ -443,7 +444,7 @@ mod tests {
 
     #[test]
     fn loads_an_elf_and_an_initrd() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let f = write_tmp(&tiny_elf(0x20_0000, &[0x90, 0xf4]));
         let info = probe_kernel(f.path()).unwrap();
         let k = load_kernel(&mem, f.path(), &info).unwrap();

@@ -109,56 +109,73 @@ pub fn kill_process(pid: i32) -> io::Result<()> {
     }
 }
 
-/// A process's proportional set size, and the part of it in memfd mappings (a VMM's guest RAM).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A process's resident and proportional set sizes, and the part of each that is a VMM's guest
+/// RAM: rund's VMM maps guest RAM anonymous and `MADV_DONTDUMP` (`dd` in smaps' VmFlags), which
+/// no other unnamed mapping of a shim has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessMemory {
+    pub rss_kib: u64,
     pub pss_kib: u64,
-    pub memfd_pss_kib: u64,
+    pub guest_ram_rss_kib: u64,
+    pub guest_ram_pss_kib: u64,
 }
 
-/// The `Pss:` line of an smaps_rollup text, in KiB.
-fn rollup_pss_kib(text: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The summed `Pss:` of the smaps entries whose mapping name starts with `/memfd:`, in KiB.
-fn memfd_pss_kib(smaps: &str) -> u64 {
-    let mut in_memfd = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        // A mapping's header starts with its address range "start-end".
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            // Fields: range, perms, offset, dev, inode, then the name (which may hold spaces).
-            let name = line
-                .split_whitespace()
-                .skip(5)
-                .collect::<Vec<_>>()
-                .join(" ");
-            in_memfd = name.starts_with("/memfd:");
-        } else if in_memfd && first == "Pss:" {
-            total += words
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+impl ProcessMemory {
+    /// The figures of an smaps text (entries of a header line, `Key: value kB` lines, and the
+    /// `VmFlags:` line that ends each).
+    pub fn from_smaps(smaps: &str) -> ProcessMemory {
+        let mut m = ProcessMemory::default();
+        let (mut rss, mut pss, mut named) = (0, 0, false);
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or_default();
+            let kib = || {
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            match first {
+                "Rss:" => rss = kib(),
+                "Pss:" => pss = kib(),
+                "VmFlags:" => {
+                    m.rss_kib += rss;
+                    m.pss_kib += pss;
+                    if !named && words.any(|f| f == "dd") {
+                        m.guest_ram_rss_kib += rss;
+                        m.guest_ram_pss_kib += pss;
+                    }
+                    (rss, pss) = (0, 0);
+                }
+                // A mapping's header starts with its address range "start-end"; the sixth field
+                // on is its name, absent for anonymous memory.
+                _ if first.contains('-')
+                    && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') =>
+                {
+                    named = line.split_whitespace().nth(5).is_some();
+                }
+                _ => {}
+            }
         }
+        m
     }
-    total
+
+    /// Everything but guest RAM.
+    pub fn own_pss_kib(&self) -> u64 {
+        self.pss_kib.saturating_sub(self.guest_ram_pss_kib)
+    }
 }
 
 /// Reads `pid`'s memory figures.
 pub fn process_memory(pid: i32) -> io::Result<ProcessMemory> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let pss_kib = rollup_pss_kib(&rollup)
-        .ok_or_else(|| io::Error::other(format!("no Pss line in /proc/{pid}/smaps_rollup")))?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    Ok(ProcessMemory {
-        pss_kib,
-        memfd_pss_kib: memfd_pss_kib(&smaps),
-    })
+    let m = ProcessMemory::from_smaps(&smaps);
+    if !smaps.contains("VmFlags:") {
+        return Err(io::Error::other(format!(
+            "no VmFlags lines in /proc/{pid}/smaps"
+        )));
+    }
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -185,20 +202,44 @@ mod tests {
     }
 
     #[test]
-    fn memfd_mappings_are_summed() {
-        let smaps = "7f00-7f10 rw-s 00000000 00:01 12 /memfd:guest-ram (deleted)\n\
-                     Size: 64 kB\nPss:                  40 kB\n\
+    fn guest_ram_is_the_unnamed_dontdump_mappings() {
+        let smaps = "7f00-7f10 rw-p 00000000 00:00 0 \n\
+                     Size: 64 kB\nRss: 48 kB\nPss:                  40 kB\n\
+                     VmFlags: rd wr mr mw me ac hg dd\n\
                      7f20-7f30 r-xp 00000000 08:01 99 /usr/bin/x\n\
-                     Pss:                   8 kB\n\
-                     7f40-7f50 rw-p 00000000 00:00 0\nPss: 4 kB\n\
-                     7f60-7f70 rw-s 00000000 00:01 13 /memfd:other\nPss: 2 kB\n";
-        assert_eq!(memfd_pss_kib(smaps), 42);
-        assert_eq!(rollup_pss_kib("Rss: 10 kB\nPss:   7 kB\n"), Some(7));
+                     Rss: 8 kB\nPss:                   8 kB\nVmFlags: rd ex mr mw me\n\
+                     7f40-7f50 rw-p 00000000 00:00 0\nRss: 4 kB\nPss: 4 kB\nVmFlags: rd wr mr\n\
+                     7f60-7f70 r--p 00000000 00:00 0 [vvar]\nRss: 2 kB\nPss: 2 kB\n\
+                     VmFlags: rd mr pf io de dd\n";
+        let m = ProcessMemory::from_smaps(smaps);
+        assert_eq!(
+            m,
+            ProcessMemory {
+                rss_kib: 62,
+                pss_kib: 54,
+                guest_ram_rss_kib: 48,
+                guest_ram_pss_kib: 40
+            }
+        );
+        assert_eq!(m.own_pss_kib(), 14);
     }
 
     #[test]
-    fn own_memory_is_read() {
-        let m = process_memory(std::process::id() as i32).unwrap();
-        assert!(m.pss_kib > 0);
+    fn own_memory_is_read_and_guest_ram_found_in_it() {
+        use vm_memory::{Bytes, GuestAddress};
+        let before = process_memory(std::process::id() as i32).unwrap();
+        assert!(before.pss_kib > 0);
+        let ram = vmm::memory::map_ram(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        for page in 0..256u64 {
+            ram.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+        }
+        let after = process_memory(std::process::id() as i32).unwrap();
+        // 1 MiB touched: at least that resident, at most the 2 MiB huge page it may sit in.
+        let grown = after.guest_ram_rss_kib - before.guest_ram_rss_kib;
+        assert!((1024..=2048).contains(&grown), "{before:?} -> {after:?}");
+        assert!(
+            after.rss_kib - before.rss_kib >= grown,
+            "{before:?} -> {after:?}"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! The zero page (`struct boot_params`) of the Linux boot protocol, with the e820 memory map.
 
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_START};
+use crate::memory::GuestRamMap;
 use crate::memory::RamRegion;
 
 const E820_RAM: u32 = 1;
@@ -110,10 +111,7 @@ pub fn build_boot_params(spec: &BootParamsSpec<'_>) -> Result<boot_params, BootP
 }
 
 /// Writes the zero page at its fixed address.
-pub fn write_boot_params(
-    mem: &GuestMemoryMmap,
-    params: &boot_params,
-) -> Result<(), BootParamsError> {
+pub fn write_boot_params(mem: &GuestRamMap, params: &boot_params) -> Result<(), BootParamsError> {
     mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
         .map_err(BootParamsError::Write)
 }

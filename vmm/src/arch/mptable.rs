@@ -5,9 +5,10 @@
 //! area Linux scans. Built as bytes (little-endian, as the spec lays them out) so that the layout is
 //! checked by tests rather than by `repr(packed)` structs.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_START, BIOS_END, IOAPIC_PINS, IOAPIC_START, MPTABLE_START};
+use crate::memory::GuestRamMap;
 
 const MPC_SPEC_REV: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
@@ -140,7 +141,7 @@ pub fn mptable_bytes(num_cpus: u32, base: u64) -> Result<Vec<u8>, MpTableError> 
 }
 
 /// Writes the MP table for `num_cpus` CPUs at [`MPTABLE_START`].
-pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u32) -> Result<(), MpTableError> {
+pub fn setup_mptable(mem: &GuestRamMap, num_cpus: u32) -> Result<(), MpTableError> {
     let bytes = mptable_bytes(num_cpus, MPTABLE_START)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
         .map_err(MpTableError::Write)

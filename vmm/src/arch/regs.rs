@@ -3,12 +3,13 @@
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PDPT_START, PD_START,
     PML4_START, ZERO_PAGE_START,
 };
+use crate::memory::GuestRamMap;
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_PG: u64 = 0x8000_0000;
@@ -104,7 +105,7 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 }
 
 /// Writes the GDT, the (empty) IDT and the identity-mapping page tables for the first 4 GiB.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+pub fn write_boot_tables(mem: &GuestRamMap) -> Result<(), RegsError> {
     for (i, e) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + i as u64 * 8))
             .map_err(|e| RegsError::WriteTables("GDT", e))?;
@@ -280,7 +281,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_4g() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPT_START | 3);

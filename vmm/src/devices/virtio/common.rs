@@ -19,16 +19,17 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, DeviceQueue, DeviceStateError, Interrupt, QueueSnapshot};
+use crate::memory::GuestRamMap;
 
 /// An active device's guest-facing side: what the driver handed over at activation.
 #[derive(Debug)]
 pub struct ActiveQueues {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRamMap,
     /// The device's interrupt.
     pub interrupt: Arc<Interrupt>,
     /// The queues, in queue order, with their notifiers.
@@ -150,7 +151,7 @@ impl VirtioCommon {
     /// accepted it. A device already active stops serving its old queues first.
     pub fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestRamMap,
         interrupt: Arc<Interrupt>,
         mut queues: Vec<DeviceQueue>,
     ) -> Result<(), ActivateError> {
@@ -349,10 +350,10 @@ impl VirtioCommon {
 /// lines. Returns whether any chain was used.
 pub fn serve_queue(
     q: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     what: &str,
     mut want_more: impl FnMut() -> bool,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>, u16) -> Option<u32>,
+    mut serve: impl FnMut(DescriptorChain<&GuestRamMap>, u16) -> Option<u32>,
 ) -> bool {
     let mut used = false;
     let mut idle_rounds = 0;
@@ -412,7 +413,7 @@ pub fn serve_queue(
 
 /// Whether the driver wants an interrupt for `q` after chains were used (with EVENT_IDX it names
 /// the used index it wants to hear about; without, it always does).
-pub fn needs_interrupt(q: &mut Queue, mem: &GuestMemoryMmap, used: bool) -> bool {
+pub fn needs_interrupt(q: &mut Queue, mem: &GuestRamMap, used: bool) -> bool {
     used && q.needs_notification(mem).unwrap_or(true)
 }
 
@@ -455,7 +456,7 @@ mod tests {
 
     #[test]
     fn report_shows_both_sides_indices_and_the_interrupt() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let d = QueueDriver::new(&mem, 0, 16);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let mut common = VirtioCommon::new("test", &[16], EVENT_IDX).unwrap();
@@ -483,7 +484,7 @@ mod tests {
 
     #[test]
     fn activation_registers_the_notifiers_and_reset_retires_them() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let d = QueueDriver::new(&mem, 0, 16);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let rec = Arc::new(Mutex::new(Recorder {

@@ -7,9 +7,7 @@
 //! fit guest memory. A refused access is logged and ignored, never fatal to the VMM.
 
 use std::sync::{Arc, Mutex};
-
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -17,6 +15,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::{lock, BusDevice};
+use crate::memory::GuestRamMap;
 
 /// "virt"
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -99,7 +98,7 @@ pub enum MmioError {
 /// The virtio-mmio register window of one device.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
+    mem: GuestRamMap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     notify: Vec<EventFd>,
@@ -116,7 +115,7 @@ impl MmioTransport {
     /// A transport for `device`, raising its interrupt through `irqfd`.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemoryMmap,
+        mem: GuestRamMap,
         irqfd: EventFd,
     ) -> Result<Self, MmioError> {
         let sizes = lock(&device).queue_max_sizes().to_vec();
@@ -593,7 +592,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _: GuestMemoryMmap,
+            _: GuestRamMap,
             _: Arc<Interrupt>,
             queues: Vec<DeviceQueue>,
         ) -> Result<(), super::super::ActivateError> {
@@ -650,7 +649,7 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dev = Arc::new(Mutex::new(TestDevice::default()));
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(dev.clone(), mem, irq.try_clone().unwrap()).unwrap();
         Fixture { dev, t, irq }

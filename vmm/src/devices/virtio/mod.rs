@@ -17,13 +17,13 @@ pub mod vsock;
 
 pub use common::{ActiveQueues, QueueEvent, VirtioCommon};
 
+use event_manager::MutEventSubscriber;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-
-use event_manager::MutEventSubscriber;
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRamMap;
 
 /// The device complies with virtio 1.x; a modern (version 2) MMIO transport requires it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -250,7 +250,7 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// The driver set DRIVER_OK: start serving `queues` (one per entry of `queue_max_sizes`).
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestRamMap,
         interrupt: Arc<Interrupt>,
         queues: Vec<DeviceQueue>,
     ) -> Result<(), ActivateError> {

@@ -53,7 +53,6 @@ pub fn gather<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment], buf: &mut [u8]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
 
     fn seg(addr: u64, len: u32) -> Segment {
         Segment {
@@ -72,7 +71,7 @@ mod tests {
 
     #[test]
     fn gather_reads_across_segments_and_refuses_short_ones() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x1000)]).unwrap();
         mem.write_slice(b"abc", GuestAddress(10)).unwrap();
         mem.write_slice(b"defg", GuestAddress(100)).unwrap();
         let segs = [seg(10, 3), seg(100, 4)];

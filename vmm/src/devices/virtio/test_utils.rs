@@ -14,12 +14,13 @@ use event_manager::{EventManager, MutEventSubscriber};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{reg, MmioTransport};
 use super::{status, DeviceQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
+use crate::memory::GuestRamMap;
 
 /// A descriptor the device reads.
 pub const R: u16 = 0;
@@ -31,7 +32,7 @@ pub const N: u16 = VRING_DESC_F_NEXT as u16;
 /// One split queue as a driver laid it out in guest memory.
 #[derive(Clone)]
 pub struct QueueDriver {
-    mem: GuestMemoryMmap,
+    mem: GuestRamMap,
     base: u64,
     size: u16,
     /// The descriptor table slot [`Self::add_chain`] writes next.
@@ -40,7 +41,7 @@ pub struct QueueDriver {
 
 impl QueueDriver {
     /// A queue of `size` entries whose descriptor table is at `base`.
-    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> QueueDriver {
+    pub fn new(mem: &GuestRamMap, base: u64, size: u16) -> QueueDriver {
         QueueDriver {
             mem: mem.clone(),
             base,
@@ -186,7 +187,7 @@ impl QueueDriver {
 /// own notifier; returns the eventfd the device's interrupt writes.
 pub fn activate(
     dev: &mut dyn VirtioDevice,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     drivers: &[&QueueDriver],
     acked: u64,
 ) -> EventFd {

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::disk::{Disk, DiskError};
 use super::request::{Rejected, Request, RequestType, Segment};
@@ -17,6 +17,7 @@ use crate::devices::virtio::common::{needs_interrupt, serve_queue};
 use crate::devices::virtio::{
     read_config_space, DeviceStateError, QueueSnapshot, VirtioCommon, VirtioDevice,
 };
+use crate::memory::GuestRamMap;
 
 /// Errors making a block device.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +169,7 @@ impl Block {
 fn serve<M>(
     disk: &Disk,
     acked: u64,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     chain: virtio_queue::DescriptorChain<M>,
     queue_size: u16,
 ) -> u32
@@ -204,7 +205,7 @@ where
     }
 }
 
-fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, st: u8) {
+fn write_status(mem: &GuestRamMap, addr: GuestAddress, st: u8) {
     // The parser checked the address; a failure here means guest memory changed under us.
     if let Err(e) = mem.write_obj(st, addr) {
         log::warn!("virtio-blk: cannot write the status byte: {e}");
@@ -212,7 +213,7 @@ fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, st: u8) {
 }
 
 /// Runs a parsed request; returns the data bytes written into guest memory, or the error status.
-fn execute(disk: &Disk, acked: u64, mem: &GuestMemoryMmap, req: &Request) -> Result<u32, u8> {
+fn execute(disk: &Disk, acked: u64, mem: &GuestRamMap, req: &Request) -> Result<u32, u8> {
     let io_err = |what: &str, e: io::Error| {
         log::warn!("virtio-blk: {what} failed: {e}");
         status::IOERR
@@ -289,7 +290,7 @@ fn execute(disk: &Disk, acked: u64, mem: &GuestMemoryMmap, req: &Request) -> Res
 /// The host slices of guest memory behind `segs`, in order (the parser checked that they lie in
 /// guest memory; a failure means it changed under us).
 fn guest_slices<'m>(
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestRamMap,
     segs: &[Segment],
 ) -> Result<Vec<vm_memory::VolatileSlice<'m, ()>>, u8> {
     let mut slices = Vec::with_capacity(segs.len());
@@ -374,7 +375,7 @@ mod tests {
     const QSIZE: u16 = 16;
 
     struct Harness {
-        mem: GuestMemoryMmap,
+        mem: GuestRamMap,
         mq: QueueDriver,
         dev: Block,
         irq: EventFd,
@@ -392,7 +393,7 @@ mod tests {
             let mut file = tempfile::NamedTempFile::new().unwrap();
             file.write_all(&pattern(SECTORS as usize * 512, 0x5a))
                 .unwrap();
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x10_0000)]).unwrap();
             let mq = QueueDriver::new(&mem, 0, QSIZE);
             let mut dev = Block::new(file.path(), ro).unwrap();
             let irq = activate(&mut dev, &mem, &[&mq], acked);
@@ -990,7 +991,7 @@ mod transport_tests {
     fn served_through_mmio_and_the_event_loop_across_a_reset() {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(64 * 512).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let dev = Arc::new(Mutex::new(Block::new(file.path(), false).unwrap()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(dev.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();

@@ -270,8 +270,9 @@ fn disk_id(dev: u64, ino: u64) -> [u8; ID_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestRamMap;
     use std::io::Write;
-    use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
     fn disk_with(content: &[u8], ro: bool) -> (tempfile::NamedTempFile, Disk) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -302,8 +303,8 @@ mod tests {
         assert!(matches!(e, DiskError::Open { .. }), "{e}");
     }
 
-    fn mem() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap()
+    fn mem() -> GuestRamMap {
+        crate::memory::map_ram(&[(GuestAddress(0), 0x80_0000)]).unwrap()
     }
 
     #[test]

@@ -407,13 +407,14 @@ fn read_stream<M: GuestMemory + ?Sized>(
 pub(crate) mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{QueueDriver, R, W};
+    use crate::memory::GuestRamMap;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::QueueT;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> GuestRamMap {
+        crate::memory::map_ram(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     pub(crate) fn header(t: u32, sector: u64) -> [u8; 16] {
@@ -425,7 +426,7 @@ pub(crate) mod tests {
 
     /// Parses the chain given as raw descriptors (addr, len, flags, next) placed at table index 0.
     fn parse_raw(
-        mem: &GuestMemoryMmap,
+        mem: &GuestRamMap,
         descs: &[(u64, u32, u16, u16)],
         cap: u64,
     ) -> Result<Request, Rejected> {
@@ -436,11 +437,7 @@ pub(crate) mod tests {
     }
 
     /// Parses a linear chain of (addr, len, flags).
-    fn parse(
-        mem: &GuestMemoryMmap,
-        descs: &[(u64, u32, u16)],
-        cap: u64,
-    ) -> Result<Request, Rejected> {
+    fn parse(mem: &GuestRamMap, descs: &[(u64, u32, u16)], cap: u64) -> Result<Request, Rejected> {
         parse_raw(mem, &QueueDriver::linked(descs, 0), cap)
     }
 

@@ -1,16 +1,14 @@
 //! The virtio-fs device: configuration, activation (a fresh FUSE server per activation), serving
 //! the queues, and the state a snapshot reads.
 
-use std::io;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use fuse_backend_rs::abi::fuse_abi::{Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
 use super::filesystem::ShareFs;
 use super::guard::{self, Verdict};
@@ -21,6 +19,7 @@ use crate::devices::virtio::common::{needs_interrupt, serve_queue};
 use crate::devices::virtio::{
     read_config_space, ActivateError, DeviceStateError, QueueSnapshot, VirtioCommon, VirtioDevice,
 };
+use crate::memory::GuestRamMap;
 
 /// How much the guest may cache (the passthrough's cache policy, and the entry and attribute
 /// timeouts that go with it).
@@ -314,8 +313,8 @@ impl Fs {
 /// Serves one chain; returns the bytes written into it (the used length).
 fn serve(
     session: &mut Session,
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestRamMap,
+    chain: DescriptorChain<&GuestRamMap>,
     queue_size: u16,
     read_only: bool,
 ) -> u32 {
@@ -361,8 +360,8 @@ fn serve(
 
 /// Writes an error reply for request `unique`; returns its length (0 if it cannot be written).
 fn reply_error(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestRamMap,
+    chain: DescriptorChain<&GuestRamMap>,
     unique: u64,
     errno: i32,
 ) -> u32 {

@@ -28,7 +28,9 @@ use fuse_backend_rs::abi::fuse_abi::{
 };
 use fuse_backend_rs::transport::Reader;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemory;
+
+use crate::memory::GuestRamMap;
 
 /// Longest name part the guard reads: two names of `PATH_MAX` bytes with their NULs (SYMLINK).
 const MAX_NAMES_LEN: usize = 2 * (libc::PATH_MAX as usize + 1);
@@ -205,12 +207,12 @@ fn rule(opcode: u32) -> Option<Rule> {
 
 /// The chain's readable and writable byte counts, once its shape is checked.
 fn check_shape<M>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     chain: DescriptorChain<M>,
     queue_size: u16,
 ) -> Result<(usize, usize), GuardError>
 where
-    M: Deref<Target = GuestMemoryMmap>,
+    M: Deref<Target = GuestRamMap>,
 {
     let (mut readable, mut writable) = (0usize, 0usize);
     let mut last_has_next = false;
@@ -276,13 +278,13 @@ fn check_names(names: Names, b: &[u8]) -> Result<(), i32> {
 /// Decides what to do with `chain` (a clone: the chain itself goes to the server), popped from a
 /// queue of `queue_size` entries.
 pub fn check<M>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRamMap,
     chain: DescriptorChain<M>,
     queue_size: u16,
     read_only: bool,
 ) -> Verdict
 where
-    M: Deref<Target = GuestMemoryMmap> + Clone,
+    M: Deref<Target = GuestRamMap> + Clone,
 {
     let (readable, writable) = match check_shape(mem, chain.clone(), queue_size) {
         Ok(v) => v,

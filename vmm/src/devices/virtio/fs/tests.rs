@@ -12,12 +12,13 @@ use std::sync::Arc;
 use fuse_backend_rs::abi::fuse_abi::*;
 use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, CachePolicy, Fs, FsConfig, FsError, FsState, FS_DEVICE_ID, TAG_LEN};
 use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
 use crate::devices::virtio::{DeviceStateError, VirtioDevice};
+use crate::memory::GuestRamMap;
 
 /// Entries in each test queue.
 const QSIZE: u16 = 16;
@@ -61,7 +62,7 @@ struct Reply {
 }
 
 struct Harness {
-    mem: GuestMemoryMmap,
+    mem: GuestRamMap,
     hi: QueueDriver,
     rq: QueueDriver,
     dev: Fs,
@@ -104,7 +105,7 @@ impl Harness {
         std::os::unix::fs::symlink(rel.join("secret"), s.join("link_rel")).unwrap();
         std::os::unix::fs::symlink("../../../../../../../../etc", s.join("dir/link_up")).unwrap();
 
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let hi = QueueDriver::new(&mem, HIPRIO, QSIZE);
         let rq = QueueDriver::new(&mem, REQ, QSIZE);
         let mut dev = Fs::new(FsConfig {
@@ -1716,7 +1717,7 @@ mod transport {
         let share = tempfile::tempdir().unwrap();
         let data = pattern(70_001, 9);
         std::fs::write(share.path().join("f"), &data).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let dev = Arc::new(Mutex::new(
             Fs::new(FsConfig {
                 tag: "layer0".into(),

@@ -23,12 +23,11 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
-
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{Header, PacketError, RxBuffer, TxPacket};
 use super::{op, shutdown, CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, HOST_CID, TYPE_STREAM};
+use crate::memory::GuestRamMap;
 
 /// Why a connection was reset by the device (logged; the guest gets RST).
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +319,7 @@ impl Connection {
     }
 
     /// A packet from the guest for this connection.
-    pub fn on_packet(&mut self, pkt: &TxPacket, mem: &GuestMemoryMmap) {
+    pub fn on_packet(&mut self, pkt: &TxPacket, mem: &GuestRamMap) {
         let hdr = &pkt.hdr;
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = hdr.fwd_cnt;
@@ -359,7 +358,7 @@ impl Connection {
     }
 
     /// Guest payload to the host socket: straight from guest memory, buffering the rest.
-    fn forward(&mut self, pkt: &TxPacket, mem: &GuestMemoryMmap) -> Result<(), ConnectionError> {
+    fn forward(&mut self, pkt: &TxPacket, mem: &GuestRamMap) -> Result<(), ConnectionError> {
         let len = pkt.hdr.len as usize;
         if len == 0 {
             return Ok(());
@@ -508,7 +507,7 @@ impl Connection {
 
     /// Puts the next packet for the guest into `buf`; returns the bytes written, or `None` when
     /// there is nothing to send.
-    pub fn fill(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<u32> {
+    pub fn fill(&mut self, buf: &RxBuffer, mem: &GuestRamMap) -> Option<u32> {
         let hdr = self.next_packet(buf, mem)?;
         if hdr.op == op::RST {
             self.done = true;
@@ -524,7 +523,7 @@ impl Connection {
         }
     }
 
-    fn next_packet(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<Header> {
+    fn next_packet(&mut self, buf: &RxBuffer, mem: &GuestRamMap) -> Option<Header> {
         if self.pending.rst {
             self.pending.rst = false;
             return Some(self.header(op::RST, 0, 0));

@@ -10,7 +10,7 @@ use std::io;
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::muxer::{Muxer, MuxerError, Timeouts};
 use super::packet::{RxBuffer, TxPacket};
@@ -20,6 +20,7 @@ use super::{
 };
 use crate::devices::virtio::common::{needs_interrupt, serve_queue};
 use crate::devices::virtio::{read_config_space, DeviceStateError, VirtioCommon, VirtioDevice};
+use crate::memory::GuestRamMap;
 
 /// Errors making a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +143,7 @@ impl Vsock {
 
 /// Serves every TX chain; a bad one is returned unused and logged (at debug level: a hostile guest
 /// must not flood the host log).
-fn process_tx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
+fn process_tx(q: &mut Queue, mem: &GuestRamMap, muxer: &mut Muxer) -> bool {
     let cid = muxer.guest_cid();
     serve_queue(
         q,
@@ -162,7 +163,7 @@ fn process_tx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
 }
 
 /// Fills RX buffers while the host side has something for the guest.
-fn process_rx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
+fn process_rx(q: &mut Queue, mem: &GuestRamMap, muxer: &mut Muxer) -> bool {
     if !muxer.has_rx_work() {
         return false;
     }
@@ -192,7 +193,7 @@ fn process_rx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> bool {
 /// Puts a transport-reset event into an event buffer. `Some(true)` if delivered, `Some(false)` if
 /// a bad buffer was consumed without it (the event is then dropped: the driver broke its queue),
 /// `None` if no buffer is available.
-fn deliver_reset(q: &mut Queue, mem: &GuestMemoryMmap) -> Option<bool> {
+fn deliver_reset(q: &mut Queue, mem: &GuestRamMap) -> Option<bool> {
     let chain = q.pop_descriptor_chain(mem)?;
     let head = chain.head_index();
     let mut len = 0;

@@ -8,6 +8,7 @@
 //! (see [`Connection::interest`]), so data the guest cannot take yet stays in the socket without
 //! waking the loop. Deadlines (CONNECT line, guest RESPONSE, clean close) are swept by a timer.
 
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io;
@@ -16,9 +17,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -26,6 +24,7 @@ use super::connection::{Connection, ConnectionError, State};
 use super::handshake::{ConnectRequest, Handshake};
 use super::packet::{Header, RxBuffer, TxPacket};
 use super::{op, FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS, TYPE_STREAM};
+use crate::memory::GuestRamMap;
 
 /// Longest unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
 pub const MAX_PATH_LEN: usize = 107;
@@ -531,7 +530,7 @@ impl Muxer {
     }
 
     /// A checked packet from the guest (addressing already verified).
-    pub fn send_to_host(&mut self, pkt: &TxPacket, mem: &GuestMemoryMmap) {
+    pub fn send_to_host(&mut self, pkt: &TxPacket, mem: &GuestRamMap) {
         let hdr = &pkt.hdr;
         let key = (hdr.dst_port, hdr.src_port);
         if let Some(&token) = self.by_ports.get(&key) {
@@ -602,7 +601,7 @@ impl Muxer {
 
     /// Puts the next packet for the guest into `buf`, connections taking turns; returns the
     /// bytes written, or `None` when nothing is due.
-    pub fn recv_for_guest(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<u32> {
+    pub fn recv_for_guest(&mut self, buf: &RxBuffer, mem: &GuestRamMap) -> Option<u32> {
         if let Some(hdr) = self.rsts.pop_front() {
             return Some(buf.write_header(mem, &hdr).unwrap_or_else(|e| {
                 log::warn!("virtio-vsock: cannot write a header: {e}");

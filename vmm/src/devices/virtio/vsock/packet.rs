@@ -15,11 +15,12 @@ use std::io;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, ReadVolatile, WriteVolatile};
+use vm_memory::{Address, Bytes, GuestMemory, ReadVolatile, WriteVolatile};
 
 use super::{HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 pub use crate::devices::virtio::segments::Segment;
 use crate::devices::virtio::segments::{gather, sub_stream};
+use crate::memory::GuestRamMap;
 
 /// Size of `struct virtio_vsock_hdr` (packed).
 pub const HDR_SIZE: usize = 44;
@@ -226,7 +227,7 @@ impl TxPacket {
     pub fn parse<M>(
         mut chain: DescriptorChain<M>,
         queue_size: u16,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRamMap,
     ) -> Result<TxPacket, PacketError>
     where
         M: Deref,
@@ -259,7 +260,7 @@ impl TxPacket {
     /// returns the bytes written. `WouldBlock` only if nothing was written.
     pub fn write_to<W: WriteVolatile>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRamMap,
         skip: usize,
         dst: &mut W,
     ) -> io::Result<usize> {
@@ -296,7 +297,7 @@ impl TxPacket {
     }
 
     /// The payload from byte `skip` on, copied out (for data the host cannot take now).
-    pub fn copy_out(&self, mem: &GuestMemoryMmap, skip: usize) -> Result<Vec<u8>, PacketError> {
+    pub fn copy_out(&self, mem: &GuestRamMap, skip: usize) -> Result<Vec<u8>, PacketError> {
         let segs = sub_stream(&self.data, skip as u64, u64::MAX);
         let total: usize = segs.iter().map(|s| s.len as usize).sum();
         let mut out = vec![0u8; total];
@@ -341,18 +342,18 @@ impl RxBuffer {
     }
 
     /// Writes the header; returns the bytes used (header plus `hdr.len`).
-    pub fn write_header(&self, mem: &GuestMemoryMmap, hdr: &Header) -> Result<u32, PacketError> {
+    pub fn write_header(&self, mem: &GuestRamMap, hdr: &Header) -> Result<u32, PacketError> {
         let raw = hdr.to_bytes();
         self.write_at(mem, 0, &raw)?;
         Ok(HDR_SIZE as u32 + hdr.len)
     }
 
     /// Writes `bytes` as payload (they must fit [`Self::capacity`]).
-    pub fn write_data(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), PacketError> {
+    pub fn write_data(&self, mem: &GuestRamMap, bytes: &[u8]) -> Result<(), PacketError> {
         self.write_at(mem, HDR_SIZE as u64, bytes)
     }
 
-    fn write_at(&self, mem: &GuestMemoryMmap, skip: u64, bytes: &[u8]) -> Result<(), PacketError> {
+    fn write_at(&self, mem: &GuestRamMap, skip: u64, bytes: &[u8]) -> Result<(), PacketError> {
         let mut at = 0;
         for s in sub_stream(&self.segs, skip, bytes.len() as u64) {
             let n = s.len as usize;
@@ -372,7 +373,7 @@ impl RxBuffer {
     /// read.
     pub fn read_from<R: ReadVolatile>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRamMap,
         src: &mut R,
         max: u32,
     ) -> io::Result<usize> {

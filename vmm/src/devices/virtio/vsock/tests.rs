@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +19,7 @@ use super::packet::{Header, HDR_SIZE};
 use super::*;
 use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
 use crate::devices::virtio::{DeviceStateError, VirtioDevice};
+use crate::memory::GuestRamMap;
 
 pub(super) const CID: u64 = 42;
 /// Entries in each test queue.
@@ -53,7 +54,7 @@ pub(super) struct Pkt {
 }
 
 pub(super) struct Guest {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRamMap,
     pub dev: Vsock,
     pub irq: EventFd,
     pub rxq: QueueDriver,
@@ -107,7 +108,7 @@ impl Guest {
     pub fn with_features(acked: u64) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let mut dev = Vsock::new(CID, &path).unwrap();
         dev.set_timeouts(Timeouts {
             handshake: Duration::from_millis(300),
@@ -1313,7 +1314,7 @@ mod transport_tests {
 
     /// The guest driver over shared memory, kicking through the transport's notifiers.
     struct Drv {
-        mem: GuestMemoryMmap,
+        mem: GuestRamMap,
         rxq: QueueDriver,
         txq: QueueDriver,
         kicks: Vec<EventFd>,
@@ -1395,7 +1396,7 @@ mod transport_tests {
     fn served_through_mmio_and_the_event_loop_with_throughput_and_restore() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e2e.sock");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = crate::memory::map_ram(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let dev = Arc::new(Mutex::new(Vsock::new(CID, &path).unwrap()));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(dev.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();
