@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rund_tests::containerd::host::{process_memory, ProcessMemory};
 use rund_tests::initramfs::{write_busybox_initramfs, BUSYBOX, MARKER_INIT};
+use rund_tests::qemu::{self, Microvm};
 use rund_tests::{boot_once, GuestKernel, BOOT_TIMEOUT, GUEST_CMDLINE, MARKER};
 
 /// Prints the marker, then stays up long enough to be measured.
@@ -120,35 +122,17 @@ fn rund_vmm_command(vmm_bin: &Path, kernel: &Path, initrd: &Path, console: &Path
     cmd
 }
 
-/// QEMU's microvm machine with what rund-vmm gives the guest: KVM, the host's CPU, the PIC, PIT
-/// and IOAPIC, an MP table and no ACPI (the condensed kernel has none), no RTC, no option ROMs,
-/// and the serial port, which writes to `console`.
+/// QEMU's microvm booting what rund-vmm boots, with as much memory.
 fn qemu_microvm_command(qemu_bin: &Path, kernel: &Path, initrd: &Path, console: &Path) -> Command {
-    let mut cmd = Command::new(qemu_bin);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,acpi=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-smp",
-        "1",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", GUEST_CMDLINE, "-serial"])
-    .arg(format!("file:{}", console.display()));
-    cmd
+    Microvm {
+        kernel: kernel.into(),
+        initrd: initrd.into(),
+        cmdline: GUEST_CMDLINE.into(),
+        mem_mib: 256,
+        shared_memory: false,
+        console: console.into(),
+    }
+    .command(qemu_bin)
 }
 
 /// rund-vmm and QEMU microvm, each started as a process, alternating.
@@ -218,52 +202,12 @@ fn print_ratio(
     }
 }
 
-/// Rss and Pss in KiB of the whole process and of its guest-RAM mapping.
-#[derive(Debug, Default)]
-struct Smaps {
-    rss: u64,
-    pss: u64,
-    guest_rss: u64,
-    guest_pss: u64,
-}
-
-fn smaps(pid: u32) -> std::io::Result<Smaps> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let mut s = Smaps::default();
-    let mut in_guest = false;
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            in_guest = line.contains("rund-guest-ram");
-            continue;
-        }
-        let kib: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-        match first {
-            "Rss:" => {
-                s.rss += kib;
-                if in_guest {
-                    s.guest_rss += kib;
-                }
-            }
-            "Pss:" => {
-                s.pss += kib;
-                if in_guest {
-                    s.guest_pss += kib;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(s)
-}
-
-fn vmm_memory(vmm_bin: &Path, initrd: &Path, dir: &Path) -> Result<Smaps, String> {
+fn vmm_memory(vmm_bin: &Path, initrd: &Path, dir: &Path) -> Result<ProcessMemory, String> {
     let kernel = GuestKernel::CondensedElf.path()?;
     let console = dir.join("console.log");
     let cmd = rund_vmm_command(vmm_bin, &kernel, initrd, &console);
     run_to_marker(cmd, &console, Duration::from_secs(120), |child, _| {
-        smaps(child.id()).map_err(|e| e.to_string())
+        process_memory(child.id() as i32).map_err(|e| e.to_string())
     })
     .map_err(|e| format!("rund-vmm: {e}"))
 }
@@ -291,9 +235,7 @@ fn main() {
 
     let vmm_bin =
         PathBuf::from(std::env::var_os("RUND_VMM_BIN").unwrap_or_else(|| "rund-vmm".into()));
-    let qemu_bin = PathBuf::from(
-        std::env::var_os("RUND_QEMU_BIN").unwrap_or_else(|| "qemu-system-x86_64".into()),
-    );
+    let qemu_bin = qemu::qemu_bin();
     let (mut r, mut q, failed) = peer_boot_times(&vmm_bin, &qemu_bin, &initrd, dir.path(), runs);
     println!(
         "bench-boot (b): process start to the init marker, condensed bzImage, 1 vCPU, 256 MiB, \
@@ -321,14 +263,14 @@ fn main() {
         Ok(m) => {
             println!(
                 "  VMM without guest RAM: Rss {:.2} MiB, Pss {:.2} MiB   (target: under 5 MiB)",
-                (m.rss - m.guest_rss) as f64 / 1024.0,
-                (m.pss - m.guest_pss) as f64 / 1024.0
+                (m.rss_kib - m.guest_ram_rss_kib) as f64 / 1024.0,
+                m.own_pss_kib() as f64 / 1024.0
             );
             println!(
                 "  with guest RAM:        Rss {:.2} MiB, Pss {:.2} MiB (guest touched {:.2} MiB)",
-                m.rss as f64 / 1024.0,
-                m.pss as f64 / 1024.0,
-                m.guest_rss as f64 / 1024.0
+                m.rss_kib as f64 / 1024.0,
+                m.pss_kib as f64 / 1024.0,
+                m.guest_ram_rss_kib as f64 / 1024.0
             );
         }
         Err(e) => println!("  not measured: {e}"),

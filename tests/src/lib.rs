@@ -12,6 +12,7 @@ pub mod cri;
 pub mod devbench;
 pub mod initramfs;
 pub mod kubelet;
+pub mod qemu;
 pub mod stream;
 
 use std::io::Write;
