@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use procfs::process::{MMapPath, MemoryMaps, VmFlags};
 
 /// This process's mount points (rootfs-split's mountinfo parser).
 pub fn mount_points() -> io::Result<Vec<PathBuf>> {
@@ -121,40 +122,17 @@ pub struct ProcessMemory {
 }
 
 impl ProcessMemory {
-    /// The figures of an smaps text (entries of a header line, `Key: value kB` lines, and the
-    /// `VmFlags:` line that ends each).
-    pub fn from_smaps(smaps: &str) -> ProcessMemory {
+    /// The figures of a process's smaps.
+    pub fn from_maps(maps: &MemoryMaps) -> ProcessMemory {
         let mut m = ProcessMemory::default();
-        let (mut rss, mut pss, mut named) = (0, 0, false);
-        for line in smaps.lines() {
-            let mut words = line.split_whitespace();
-            let first = words.next().unwrap_or_default();
-            let kib = || {
-                line.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            match first {
-                "Rss:" => rss = kib(),
-                "Pss:" => pss = kib(),
-                "VmFlags:" => {
-                    m.rss_kib += rss;
-                    m.pss_kib += pss;
-                    if !named && words.any(|f| f == "dd") {
-                        m.guest_ram_rss_kib += rss;
-                        m.guest_ram_pss_kib += pss;
-                    }
-                    (rss, pss) = (0, 0);
-                }
-                // A mapping's header starts with its address range "start-end"; the sixth field
-                // on is its name, absent for anonymous memory.
-                _ if first.contains('-')
-                    && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') =>
-                {
-                    named = line.split_whitespace().nth(5).is_some();
-                }
-                _ => {}
+        for map in maps {
+            let kib = |key: &str| map.extension.map.get(key).copied().unwrap_or(0) / 1024;
+            let (rss, pss) = (kib("Rss"), kib("Pss"));
+            m.rss_kib += rss;
+            m.pss_kib += pss;
+            if map.pathname == MMapPath::Anonymous && map.extension.vm_flags.contains(VmFlags::DD) {
+                m.guest_ram_rss_kib += rss;
+                m.guest_ram_pss_kib += pss;
             }
         }
         m
@@ -168,14 +146,10 @@ impl ProcessMemory {
 
 /// Reads `pid`'s memory figures.
 pub fn process_memory(pid: i32) -> io::Result<ProcessMemory> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let m = ProcessMemory::from_smaps(&smaps);
-    if !smaps.contains("VmFlags:") {
-        return Err(io::Error::other(format!(
-            "no VmFlags lines in /proc/{pid}/smaps"
-        )));
-    }
-    Ok(m)
+    let maps = procfs::process::Process::new(pid)
+        .and_then(|p| p.smaps())
+        .map_err(|e| io::Error::other(format!("/proc/{pid}/smaps: {e}")))?;
+    Ok(ProcessMemory::from_maps(&maps))
 }
 
 #[cfg(test)]
@@ -203,15 +177,17 @@ mod tests {
 
     #[test]
     fn guest_ram_is_the_unnamed_dontdump_mappings() {
+        use procfs::FromBufRead;
         let smaps = "7f00-7f10 rw-p 00000000 00:00 0 \n\
                      Size: 64 kB\nRss: 48 kB\nPss:                  40 kB\n\
                      VmFlags: rd wr mr mw me ac hg dd\n\
                      7f20-7f30 r-xp 00000000 08:01 99 /usr/bin/x\n\
                      Rss: 8 kB\nPss:                   8 kB\nVmFlags: rd ex mr mw me\n\
-                     7f40-7f50 rw-p 00000000 00:00 0\nRss: 4 kB\nPss: 4 kB\nVmFlags: rd wr mr\n\
+                     7f40-7f50 rw-p 00000000 00:00 0 \nRss: 4 kB\nPss: 4 kB\nVmFlags: rd wr mr\n\
                      7f60-7f70 r--p 00000000 00:00 0 [vvar]\nRss: 2 kB\nPss: 2 kB\n\
                      VmFlags: rd mr pf io de dd\n";
-        let m = ProcessMemory::from_smaps(smaps);
+        let maps = MemoryMaps::from_buf_read(smaps.as_bytes()).unwrap();
+        let m = ProcessMemory::from_maps(&maps);
         assert_eq!(
             m,
             ProcessMemory {
