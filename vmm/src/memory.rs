@@ -23,6 +23,8 @@ use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 /// Huge page size and so the alignment of every RAM mapping.
 const RAM_ALIGN: usize = 2 << 20;
+/// The x86-64 base page size: RAM regions are whole pages.
+const PAGE_SIZE: usize = 4096;
 
 /// Guest memory as the VMM and its devices see it: the RAM regions of [`RamMapping`].
 pub type GuestRamMap = GuestRegionCollection<RamMapping>;
@@ -30,6 +32,9 @@ pub type GuestRamMap = GuestRegionCollection<RamMapping>;
 /// Errors making guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// A region size mmap cannot give exactly.
+    #[error("a guest memory region of {0} bytes is not a non-zero whole number of 4 KiB pages")]
+    Size(usize),
     /// mmap failed.
     #[error("cannot map {0} bytes of guest memory")]
     Map(usize, #[source] std::io::Error),
@@ -72,6 +77,9 @@ impl AlignedMapping {
     /// Maps `size` bytes (a multiple of the page size) at a 2 MiB boundary: a larger mapping
     /// whose unaligned head and tail are unmapped again.
     fn new(size: usize) -> Result<Self, MemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::Size(size));
+        }
         let padded = size
             .checked_add(RAM_ALIGN)
             .ok_or_else(|| MemoryError::Map(size, std::io::ErrorKind::InvalidInput.into()))?;
@@ -336,7 +344,12 @@ mod tests {
 
     #[test]
     fn impossible_sizes_are_refused() {
-        let e = map_ram(&[(GuestAddress(0), usize::MAX - 4096)]).unwrap_err();
+        let e = map_ram(&[(GuestAddress(0), usize::MAX - 4095)]).unwrap_err();
         assert!(matches!(e, MemoryError::Map(..)), "{e}");
+        for size in [0, 5000] {
+            let e = map_ram(&[(GuestAddress(0), size)]).unwrap_err();
+            assert!(matches!(e, MemoryError::Size(s) if s == size), "{e}");
+            assert!(e.to_string().contains(&format!("{size} bytes")), "{e}");
+        }
     }
 }
