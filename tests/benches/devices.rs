@@ -388,8 +388,8 @@ const GUEST_MEM_MIB: u32 = 512;
 /// like rund's (host page cache, as rund's), vhost-vsock, and virtio-fs served by virtiofsd with
 /// the same cache policy, read-only.
 struct QemuGuest {
-    qemu: Child,
-    virtiofsd: Child,
+    qemu: Reaped,
+    virtiofsd: Reaped,
     cid: u32,
     console: PathBuf,
 }
@@ -407,6 +407,7 @@ impl QemuGuest {
             .args(["--cache", "always", "--sandbox", "none", "--readonly"])
             .stdin(Stdio::null())
             .spawn()
+            .map(Reaped)
             .expect("start virtiofsd");
         wait_for("socket", deadline, || {
             if fs_socket.exists() {
@@ -441,7 +442,7 @@ impl QemuGuest {
             .args(["-device", "vhost-user-fs-device,chardev=fs,tag=share"])
             .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
             .stdin(Stdio::null());
-        let qemu = cmd.spawn().expect("start qemu");
+        let qemu = Reaped(cmd.spawn().expect("start qemu"));
         let guest = QemuGuest {
             qemu,
             virtiofsd,
@@ -459,7 +460,7 @@ impl QemuGuest {
     /// Waits for QEMU to exit (the guest rebooted, which `-no-reboot` makes an exit).
     fn wait(&mut self, deadline: Instant) -> bool {
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.qemu.try_wait() {
+            if let Ok(Some(status)) = self.qemu.0.try_wait() {
                 return status.success();
             }
             thread::sleep(Duration::from_millis(50));
@@ -468,12 +469,14 @@ impl QemuGuest {
     }
 }
 
-impl Drop for QemuGuest {
+/// A child process killed and reaped when dropped, so that a bench that panics (a guest that
+/// never answered) leaves no QEMU or virtiofsd behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
     fn drop(&mut self) {
-        for child in [&mut self.qemu, &mut self.virtiofsd] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -640,10 +643,10 @@ fn main() {
         Side {
             name: "qemu",
             link: GuestLink::Vsock(qemu.cid),
-            vm_pid: qemu.qemu.id(),
+            vm_pid: qemu.qemu.0.id(),
             watched: vec![
-                Watched::Process(qemu.qemu.id(), "qemu"),
-                Watched::Process(qemu.virtiofsd.id(), "virtiofsd"),
+                Watched::Process(qemu.qemu.0.id(), "qemu"),
+                Watched::Process(qemu.virtiofsd.0.id(), "virtiofsd"),
             ],
         },
     ];
