@@ -409,13 +409,14 @@ impl QemuGuest {
             .spawn()
             .map(Reaped)
             .expect("start virtiofsd");
-        wait_for("socket", deadline, || {
-            if fs_socket.exists() {
-                "socket".into()
-            } else {
-                format!("virtiofsd made no socket at {}", fs_socket.display())
-            }
-        });
+        while !fs_socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "virtiofsd made no socket at {}",
+                fs_socket.display()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
         let kernel = GuestKernel::CondensedBzImage
             .path()
             .unwrap_or_else(|e| panic!("bench-devices needs the guest bzImage: {e}"));
@@ -559,10 +560,10 @@ impl Costs {
         Costs { cpu, kvm }
     }
 
-    /// Exits taken since `before`, if KVM's counters are readable.
-    fn exits_since(&self, before: &Costs) -> Option<u64> {
-        let now = self.kvm.iter().find(|(n, _)| *n == "exits")?.1;
-        let then = before.kvm.iter().find(|(n, _)| *n == "exits")?.1;
+    /// How much KVM counter `name` grew since `before`, if it was readable both times.
+    fn kvm_since(&self, before: &Costs, name: &str) -> Option<u64> {
+        let now = self.kvm.iter().find(|(n, _)| *n == name)?.1;
+        let then = before.kvm.iter().find(|(n, _)| *n == name)?.1;
         Some(now.saturating_sub(then))
     }
 
@@ -577,13 +578,10 @@ impl Costs {
                 .map_or(0.0, |x| x.1);
             line += &format!(" {name} {:.0}%", 100.0 * (t - t0) / wall);
         }
-        for (name, v) in &self.kvm {
-            let v0 = before
-                .kvm
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0, |x| x.1);
-            line += &format!(" {name}={}", v.saturating_sub(v0));
+        for (name, _) in &self.kvm {
+            if let Some(grown) = self.kvm_since(before, name) {
+                line += &format!(" {name}={grown}");
+            }
         }
         line
     }
@@ -675,7 +673,7 @@ fn main() {
                     after.since(&before, wall)
                 ));
                 t.values.push(value);
-                if let Some(exits) = after.exits_since(&before) {
+                if let Some(exits) = after.kvm_since(&before, "exits") {
                     t.exits_per_request.push(exits as f64 / b.request.1);
                 }
             }
