@@ -25,7 +25,8 @@
 //! Needs RUND_GUEST_KERNEL_DIR, RUND_GUEST_PROBE, RUND_VIRTIOFSD (a virtiofsd binary), QEMU
 //! (RUND_QEMU_BIN, default qemu-system-x86_64), /dev/vhost-vsock and a Linux-capable KVM;
 //! RUND_BENCH_DIR names a directory on a real disk filesystem (the testbed's /scratch) for the
-//! files.
+//! files. RUND_BENCH_ONLY (name prefixes, comma-separated: `vsock,blk-seq`) runs only the
+//! benchmarks it names, for a look at one device.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -302,6 +303,30 @@ fn benchmarks(dir: &Path) -> Vec<Benchmark> {
             )),
         },
     ]
+}
+
+/// The benchmarks whose names start with one of the comma-separated prefixes in `only` (all
+/// without it); a selection that matches nothing is refused, not run empty.
+fn selected(all: Vec<Benchmark>, only: Option<String>) -> Vec<Benchmark> {
+    let Some(only) = only.filter(|o| !o.trim().is_empty()) else {
+        return all;
+    };
+    let names: Vec<_> = all.iter().map(|b| b.name).collect();
+    let prefixes: Vec<_> = only.split(',').map(str::trim).collect();
+    let picked: Vec<_> = all
+        .into_iter()
+        .filter(|b| {
+            prefixes
+                .iter()
+                .any(|p| !p.is_empty() && b.name.starts_with(p))
+        })
+        .collect();
+    assert!(
+        !picked.is_empty(),
+        "RUND_BENCH_ONLY={only:?} names none of the benchmarks: {}",
+        names.join(", ")
+    );
+    picked
 }
 
 fn guest_init() -> String {
@@ -648,7 +673,10 @@ fn main() {
             ],
         },
     ];
-    let benches = benchmarks(dir.path());
+    let benches = selected(
+        benchmarks(dir.path()),
+        std::env::var("RUND_BENCH_ONLY").ok(),
+    );
     // Per benchmark: native figures, then each side's.
     let mut taken = vec![(Vec::new(), vec![Taken::default(); sides.len()]); benches.len()];
     for round in 1..=ROUNDS {
