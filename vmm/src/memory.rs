@@ -7,13 +7,21 @@
 //! made the boot 1.7x Firecracker's). The regions are marked `MADV_HUGEPAGE`, so hosts whose THP
 //! setting is `madvise` get huge pages too; an idle guest costs about 8 MiB more resident memory
 //! for it (37.8 against 29.7 MiB for a 512 MiB guest). Guest RAM is kept out of core dumps
-//! (`MADV_DONTDUMP`, `dd` in smaps' VmFlags, which is how the benchmarks find it). A template's
-//! clones will map its memory file instead (copy-on-write).
+//! (`MADV_DONTDUMP`, `dd` in smaps' VmFlags, which is how the benchmarks find it).
+//!
+//! A VM restored from a snapshot maps the snapshot's memory file instead, `MAP_PRIVATE`: pages
+//! fault in from the file when first touched, a guest write copies the page, and the file (shared
+//! by every VM restored from it) never changes. [`GuestRam::write_memory_file`] writes such a
+//! file: only the pages that hold something, the rest left as holes.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
 use vm_memory::bitmap::BS;
 use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::GuestMemory;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestMemoryRegionBytes,
     GuestRegionCollection, GuestRegionMmap, GuestUsize, MemoryRegionAddress, VolatileSlice,
@@ -47,9 +55,32 @@ pub enum MemoryError {
     /// The regions overlap or are not in order.
     #[error("guest memory regions are not valid")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
+    /// The memory file does not hold all of guest RAM.
+    #[error("the memory file holds {found} bytes; guest RAM is {expected}")]
+    FileSize {
+        /// Its length.
+        found: u64,
+        /// What RAM needs.
+        expected: u64,
+    },
+    /// Writing the memory file failed.
+    #[error("cannot write the memory file")]
+    Write(#[source] std::io::Error),
+    /// Which pages the guest touched could not be read.
+    #[error("cannot read this process's page map")]
+    PageMap(#[source] procfs::ProcError),
 }
 
-/// An anonymous private mapping whose start is 2 MiB-aligned; unmapped on drop.
+/// Where a mapping's bytes come from.
+#[derive(Clone, Copy)]
+enum Backing<'a> {
+    /// Fresh zeroed memory.
+    Anonymous,
+    /// A file's bytes from an offset, copy-on-write.
+    File(&'a File, u64),
+}
+
+/// A private mapping whose start is 2 MiB-aligned; unmapped on drop.
 #[derive(Debug)]
 struct AlignedMapping {
     addr: NonNull<u8>,
@@ -74,22 +105,28 @@ fn munmap(addr: usize, len: usize) -> std::io::Result<()> {
 }
 
 impl AlignedMapping {
-    /// Maps `size` bytes (a multiple of the page size) at a 2 MiB boundary: a larger mapping
-    /// whose unaligned head and tail are unmapped again.
-    fn new(size: usize) -> Result<Self, MemoryError> {
+    /// Maps `size` bytes (a multiple of the page size) at a 2 MiB boundary: a larger reservation
+    /// whose unaligned head and tail are unmapped again, with the file (if any) mapped over the
+    /// aligned part.
+    fn new(size: usize, backing: Backing<'_>) -> Result<Self, MemoryError> {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(MemoryError::Size(size));
         }
         let padded = size
             .checked_add(RAM_ALIGN)
             .ok_or_else(|| MemoryError::Map(size, std::io::ErrorKind::InvalidInput.into()))?;
+        let prot = match backing {
+            Backing::Anonymous => libc::PROT_READ | libc::PROT_WRITE,
+            // Only a reservation: the file goes over the part that is kept.
+            Backing::File(..) => libc::PROT_NONE,
+        };
         // SAFETY: a new anonymous mapping at an address of the kernel's choice; the result is
         // checked below.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 padded,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
@@ -100,6 +137,33 @@ impl AlignedMapping {
         }
         let start = raw as usize;
         let aligned = start.next_multiple_of(RAM_ALIGN);
+        if let Backing::File(file, offset) = backing {
+            let offset = libc::off_t::try_from(offset)
+                .map_err(|_| MemoryError::Map(size, std::io::ErrorKind::InvalidInput.into()));
+            // SAFETY: MAP_FIXED replaces part of the reservation just made, which nothing else
+            // uses; the result is checked below.
+            let mapped = offset.map(|offset| unsafe {
+                libc::mmap(
+                    aligned as *mut libc::c_void,
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    offset,
+                )
+            });
+            let failed = match mapped {
+                Ok(p) if p == libc::MAP_FAILED => {
+                    Some(MemoryError::Map(size, std::io::Error::last_os_error()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                let _ = munmap(start, padded);
+                return Err(e);
+            }
+        }
         let trimmed = munmap(start, aligned - start)
             .and_then(|()| munmap(aligned + size, start + padded - (aligned + size)));
         if let Err(e) = trimmed {
@@ -107,10 +171,14 @@ impl AlignedMapping {
             let _ = munmap(start, padded);
             return Err(MemoryError::Trim(e));
         }
-        // Huge pages: advice only, which hosts without THP (or with it off) ignore, and so may we.
-        // Left out of the VMM's core dumps: the guest's memory is the guest's (and this flag is
-        // how a reader of /proc/<pid>/smaps tells guest RAM apart).
-        for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTDUMP] {
+        // Huge pages for fresh memory: advice only, which hosts without THP (or with it off)
+        // ignore, and so may we. Left out of the VMM's core dumps: the guest's memory is the
+        // guest's (and this flag is how a reader of /proc/<pid>/smaps tells guest RAM apart).
+        let advice: &[libc::c_int] = match backing {
+            Backing::Anonymous => &[libc::MADV_HUGEPAGE, libc::MADV_DONTDUMP],
+            Backing::File(..) => &[libc::MADV_DONTDUMP],
+        };
+        for &advice in advice {
             // SAFETY: the range is the mapping just made.
             unsafe { libc::madvise(aligned as *mut libc::c_void, size, advice) };
         }
@@ -133,12 +201,28 @@ pub struct RamMapping {
     // Declared first so that it goes before the mapping it points into.
     region: GuestRegionMmap,
     _mapping: AlignedMapping,
+    from_file: bool,
 }
 
 impl RamMapping {
     /// `size` bytes of fresh RAM at guest address `start`.
     pub fn new(start: GuestAddress, size: usize) -> Result<Self, MemoryError> {
-        let mapping = AlignedMapping::new(size)?;
+        Self::build(start, size, Backing::Anonymous)
+    }
+
+    /// `size` bytes of RAM at guest address `start` holding `file`'s bytes from `offset`,
+    /// copy-on-write: guest writes never reach the file.
+    pub fn from_file(
+        start: GuestAddress,
+        size: usize,
+        file: &File,
+        offset: u64,
+    ) -> Result<Self, MemoryError> {
+        Self::build(start, size, Backing::File(file, offset))
+    }
+
+    fn build(start: GuestAddress, size: usize, backing: Backing<'_>) -> Result<Self, MemoryError> {
+        let mapping = AlignedMapping::new(size, backing)?;
         // SAFETY: `mapping` is a live read-write mapping of exactly `size` bytes, owned by the
         // `RamMapping` built here, which drops the vm-memory region before it.
         let mmap = unsafe {
@@ -153,7 +237,43 @@ impl RamMapping {
         Ok(RamMapping {
             region,
             _mapping: mapping,
+            from_file: matches!(backing, Backing::File(..)),
         })
+    }
+
+    /// The region's bytes.
+    fn bytes(&self) -> &[u8] {
+        let len = self.region.len() as usize;
+        // SAFETY: the mapping is live and `len` bytes long for as long as `self`; the guest may
+        // change the bytes meanwhile (callers read them only from a paused VM, and a torn read
+        // is then impossible; while running it would only give a torn copy, never a fault).
+        unsafe { std::slice::from_raw_parts(self._mapping.addr.as_ptr(), len) }
+    }
+
+    /// Which of the region's pages may hold something: for fresh RAM, those the guest touched
+    /// (in memory or swapped out); for file-backed RAM, all of them (untouched pages are the
+    /// file's).
+    fn touched_pages(&self) -> Result<Vec<bool>, MemoryError> {
+        let pages = self.region.len() as usize / PAGE_SIZE;
+        if self.from_file {
+            return Ok(vec![true; pages]);
+        }
+        let first = self._mapping.addr.as_ptr() as usize / PAGE_SIZE;
+        let mut map = procfs::process::Process::myself()
+            .and_then(|p| p.pagemap())
+            .map_err(MemoryError::PageMap)?;
+        let info = map
+            .get_range_info(first..first + pages)
+            .map_err(MemoryError::PageMap)?;
+        Ok(info
+            .iter()
+            .map(|i| match i {
+                procfs::process::PageInfo::MemoryPage(flags) => {
+                    flags.contains(procfs::process::MemoryPageFlags::PRESENT)
+                }
+                procfs::process::PageInfo::SwapPage(_) => true,
+            })
+            .collect())
     }
 }
 
@@ -191,6 +311,21 @@ impl GuestMemoryRegion for RamMapping {
 }
 
 impl GuestMemoryRegionBytes for RamMapping {}
+
+/// Whether a mapping of some process (from its smaps) is a VMM's guest RAM: marked
+/// `MADV_DONTDUMP` (`dd`) and anonymous (a cold boot) or a snapshot's memory file (a restore).
+/// Nothing else of a VMM process has that flag but the kernel's `[vvar]`.
+pub fn is_guest_ram(map: &procfs::process::MemoryMap) -> bool {
+    use procfs::process::{MMapPath, VmFlags};
+    let backing = match &map.pathname {
+        MMapPath::Anonymous => true,
+        MMapPath::Path(p) => {
+            p.file_name().and_then(|n| n.to_str()) == Some(crate::snapshot::MEMORY_FILE)
+        }
+        _ => false,
+    };
+    backing && map.extension.vm_flags.contains(VmFlags::DD)
+}
 
 /// Fresh guest memory with RAM at each `(start, size)`.
 pub fn map_ram(ranges: &[(GuestAddress, usize)]) -> Result<GuestRamMap, MemoryError> {
@@ -254,9 +389,79 @@ impl GuestRam {
         })
     }
 
+    /// `mem_size` bytes of guest RAM holding `file` (a memory file [`Self::write_memory_file`]
+    /// wrote), copy-on-write. A file of another length is refused: a short one would fault the
+    /// guest on its first touch past the end.
+    pub fn from_file(mem_size: u64, file: &File) -> Result<Self, MemoryError> {
+        let found = file.metadata().map_err(|e| MemoryError::Map(0, e))?.len();
+        if found != mem_size {
+            return Err(MemoryError::FileSize {
+                found,
+                expected: mem_size,
+            });
+        }
+        let regions = ram_regions(mem_size);
+        let mappings = regions
+            .iter()
+            .map(|r| {
+                RamMapping::from_file(
+                    GuestAddress(r.guest_start),
+                    r.size as usize,
+                    file,
+                    r.file_offset,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GuestRam {
+            memory: GuestRamMap::from_regions(mappings).map_err(MemoryError::Regions)?,
+            regions,
+        })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
     /// End of RAM below the MMIO gap.
     pub fn low_end(&self) -> u64 {
         self.regions[0].size
+    }
+
+    /// Writes all of RAM into `file` (empty, on a filesystem with sparse files: tmpfs), region
+    /// after region at their file offsets, as [`Self::from_file`] maps it back: only pages that
+    /// the guest touched and that are not all zeros are written; the rest stay holes. Call it on
+    /// a paused VM. Returns the bytes written.
+    pub fn write_memory_file(&self, file: &File) -> Result<u64, MemoryError> {
+        file.set_len(self.size()).map_err(MemoryError::Write)?;
+        let mut written = 0u64;
+        for (mapping, layout) in self.memory.iter().zip(&self.regions) {
+            let bytes = mapping.bytes();
+            let touched = mapping.touched_pages()?;
+            let holds_data = |page: usize| {
+                touched[page]
+                    && bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
+                        .iter()
+                        .any(|&b| b != 0)
+            };
+            // Runs of pages with data, one write each.
+            let mut page = 0;
+            while page < touched.len() {
+                if !holds_data(page) {
+                    page += 1;
+                    continue;
+                }
+                let run_start = page;
+                while page < touched.len() && holds_data(page) {
+                    page += 1;
+                }
+                let run = &bytes[run_start * PAGE_SIZE..page * PAGE_SIZE];
+                file.write_all_at(run, layout.file_offset + (run_start * PAGE_SIZE) as u64)
+                    .map_err(MemoryError::Write)?;
+                written += run.len() as u64;
+            }
+        }
+        Ok(written)
     }
 }
 
@@ -340,6 +545,54 @@ mod tests {
         for &(host, len) in &hosts {
             assert!(!mapped(host, len), "region at {host:#x} is still mapped");
         }
+    }
+
+    #[test]
+    fn a_memory_file_holds_only_pages_with_data_and_maps_back_copy_on_write() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.memory.write_obj(0x11u8, GuestAddress(0x1000)).unwrap();
+        ram.memory.write_obj(0x22u8, GuestAddress(0x2fff)).unwrap();
+        // Touched but zero: no data, so a hole.
+        ram.memory.write_obj(0u8, GuestAddress(0x8000)).unwrap();
+        ram.memory
+            .write_obj(0x33u8, GuestAddress(0xff_f000))
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let written = ram.write_memory_file(&file).unwrap();
+        assert_eq!(written, 3 * PAGE_SIZE as u64, "pages 1, 2 and the last one");
+        assert_eq!(file.metadata().unwrap().len(), 16 << 20);
+
+        let clone = GuestRam::from_file(16 << 20, &file).unwrap();
+        let read = |m: &GuestRam, a: u64| m.memory.read_obj::<u8>(GuestAddress(a)).unwrap();
+        assert_eq!(
+            (
+                read(&clone, 0x1000),
+                read(&clone, 0x2fff),
+                read(&clone, 0xff_f000)
+            ),
+            (0x11, 0x22, 0x33)
+        );
+        clone
+            .memory
+            .write_obj(0x44u8, GuestAddress(0x1000))
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 0x1000).unwrap();
+        assert_eq!(byte, [0x11], "a clone's write never reaches the file");
+        let other = GuestRam::from_file(16 << 20, &file).unwrap();
+        assert_eq!(read(&other, 0x1000), 0x11, "nor another clone");
+        // And a clone writes its own file whole: its pages from the file count as data.
+        let again = tempfile::tempfile().unwrap();
+        assert_eq!(
+            clone.write_memory_file(&again).unwrap(),
+            3 * PAGE_SIZE as u64
+        );
+
+        let e = GuestRam::from_file(32 << 20, &file).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the memory file holds 16777216 bytes; guest RAM is 33554432"
+        );
     }
 
     #[test]

@@ -183,7 +183,8 @@ pub struct ProcessFootprint {
     pub fds: usize,
     /// Threads named `rund-*` (vCPU and VMM threads); other threads come and go with the test harness.
     pub vmm_threads: usize,
-    /// Mappings of a `rund-guest-ram` memfd.
+    /// Guest RAM mappings: those marked `MADV_DONTDUMP` (`dd` in smaps), anonymous or a
+    /// snapshot's memory file, which is how the VMM maps guest RAM.
     pub guest_ram_maps: usize,
 }
 
@@ -198,10 +199,12 @@ impl ProcessFootprint {
                 vmm_threads += usize::from(name.starts_with("rund-"));
             }
         }
-        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let maps = procfs::process::Process::myself()
+            .and_then(|p| p.smaps())
+            .map_err(std::io::Error::other)?;
         let guest_ram_maps = maps
-            .lines()
-            .filter(|l| l.contains("rund-guest-ram"))
+            .iter()
+            .filter(|m| crate::memory::is_guest_ram(m))
             .count();
         Ok(ProcessFootprint {
             fds,

@@ -1,12 +1,14 @@
-//! Building a microVM and running it: [`Vm::new`] makes everything (memory, irqchip, kernel, devices,
-//! vCPUs) without running guest code; [`Vm::start`] starts the vCPU threads and the VMM thread and
-//! returns a [`VmHandle`] to steer and wait for it.
+//! Running a microVM: [`Vm::new`] (a cold boot) and [`Vm::restore`] (from a snapshot) make
+//! everything without running guest code (see [`builder`](crate::builder)); [`Vm::start`] starts
+//! the vCPU threads and the VMM thread and returns a [`VmHandle`] to steer, snapshot and wait for
+//! it.
 //!
 //! The VMM thread runs the event loop (device queue notifications, host commands, the exit signal)
 //! and owns the VM: when the VM ends it stops and joins the vCPUs and closes everything, so that after
 //! [`VmHandle::wait`] no fd, thread or mapping of the VM remains in the process.
 
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -14,32 +16,25 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
-use linux_loader::cmdline::Cmdline;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion};
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::boot_params::{
-    build_boot_params, e820_map, write_boot_params, BootParamsError, BootParamsSpec,
-};
-use crate::arch::cpuid::{normalize, CpuidError, VcpuTopology};
-use crate::arch::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, I8042_PORT_BASE, KVM_TSS_ADDRESS, MMIO_GAP_START, SERIAL_IRQ,
-    SERIAL_PORT_BASE,
-};
-use crate::arch::mptable::{setup_mptable, MpTableError};
-use crate::arch::regs::{configure_boot_vcpu, write_boot_tables, RegsError};
+use crate::arch::boot_params::BootParamsError;
+use crate::arch::cpuid::CpuidError;
+use crate::arch::mptable::MpTableError;
+use crate::arch::regs::RegsError;
+use crate::builder::{self, device_keys, put_vm_state, RestoreSpec};
 use crate::config::{ConfigError, VirtioDeviceHandle, VmConfig};
-use crate::devices::bus::{lock, Bus, BusError};
-use crate::devices::legacy::{ResetController, SerialConsole};
-use crate::devices::virtio::mmio::{reg, MmioError, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::bus::{lock, BusError};
+use crate::devices::legacy::SerialConsole;
+use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::exit::{ExitSignal, VmExit};
-use crate::loader::{load_initrd, load_kernel, LoaderError};
+use crate::loader::LoaderError;
 use crate::memory::{GuestRam, MemoryError};
+use crate::snapshot::{create_private, SavedDevice, Snapshot, SnapshotError, MEMORY_FILE};
 use crate::state::VmState;
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuControl, VcpuError};
 
@@ -104,192 +99,62 @@ pub enum VmError {
     /// Reading or putting back state failed.
     #[error("VM state: {0}")]
     State(String),
+    /// A snapshot could not be written, or was refused.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The devices given to a restore are not the snapshot's.
+    #[error("the snapshot holds the devices [{saved}]; the restore was given [{given}]")]
+    Devices {
+        /// The snapshot's device keys, in slot order.
+        saved: String,
+        /// The given ones, sorted.
+        given: String,
+    },
+    /// The console could not take its saved state.
+    #[error("serial console: cannot restore its state")]
+    Serial(#[source] std::io::Error),
 }
 
-/// A built VM whose guest has not run yet.
+/// What [`VmHandle::snapshot`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotSize {
+    /// Bytes of guest memory written (the rest of the memory file is holes).
+    pub memory_bytes: u64,
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+}
+
+/// A built VM whose guest has not run yet (or, restored, has not run on).
 pub struct Vm {
-    vm_fd: VmFd,
-    ram: GuestRam,
-    vcpus: Vec<Vcpu>,
-    serial: Arc<Mutex<SerialConsole>>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    devices: Vec<VirtioDeviceHandle>,
-    exit: Arc<ExitSignal>,
-    control: Arc<VcpuControl>,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) ram: GuestRam,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) devices: Vec<VirtioDeviceHandle>,
+    pub(crate) exit: Arc<ExitSignal>,
+    pub(crate) control: Arc<VcpuControl>,
 }
 
-fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |e| VmError::Kvm(op, e)
 }
 
-fn new_eventfd() -> Result<EventFd, VmError> {
+pub(crate) fn new_eventfd() -> Result<EventFd, VmError> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)
 }
 
 impl Vm {
     /// Builds the VM described by `config`. No guest code runs until [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        let kvm_sys = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
-        let max_vcpus = u32::try_from(kvm_sys.get_max_vcpus()).unwrap_or(u32::MAX);
-        let valid = config.validate(max_vcpus)?;
-        let vm_fd = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        builder::cold_boot(config)
+    }
 
-        // Memory slots first: KVM_SET_USER_MEMORY_REGION costs ~7 ms once an irqchip exists and
-        // ~0.1 ms before (measured on the build machines).
-        let ram = GuestRam::new(u64::from(config.mem_mib) << 20)?;
-        for (slot, region) in ram.memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| VmError::State(format!("guest memory region: {e}")))?;
-            let desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping of `len()` bytes owned by `ram`, which outlives
-            // the VM fd: the VMM thread closes the VM fd before it unmaps guest memory.
-            unsafe { vm_fd.set_user_memory_region(desc) }
-                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
-
-        // Guest memory contents: kernel, initrd, command line, zero page, MP table, boot tables.
-        let mem = &ram.memory;
-        let kernel = load_kernel(mem, &config.kernel, &valid.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => {
-                let mut limit = ram.low_end().min(MMIO_GAP_START);
-                if let Some(max) = valid.kernel.initrd_addr_max {
-                    limit = limit.min(max.saturating_add(1));
-                }
-                Some(load_initrd(mem, path, kernel.end, limit)?)
-            }
-            None => None,
-        };
-        let mut cmdline =
-            Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmError::Cmdline(e.to_string()))?;
-        if !valid.cmdline.is_empty() {
-            cmdline
-                .insert_str(&valid.cmdline)
-                .map_err(|e| VmError::Cmdline(e.to_string()))?;
-        }
-        linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-            .map_err(|e| VmError::Cmdline(e.to_string()))?;
-        let e820 = e820_map(&ram.regions);
-        let params = build_boot_params(&BootParamsSpec {
-            setup_header: kernel.setup_header,
-            cmdline_size: valid.cmdline.len() as u32 + 1,
-            initrd: initrd.map(|i| (i.addr, i.size)),
-            e820: &e820,
-        })?;
-        write_boot_params(mem, &params)?;
-        setup_mptable(mem, config.vcpus)?;
-        write_boot_tables(mem)?;
-
-        // Legacy devices on port I/O.
-        let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
-        let serial_irq = new_eventfd()?;
-        vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq,
-            config.serial.open()?,
-        )));
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), u64::from(SERIAL_PORT_BASE), 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(ResetController::new(exit.clone()))),
-            u64::from(I8042_PORT_BASE),
-            5,
-        )?;
-
-        // Virtio devices on MMIO: notifications by ioeventfd, interrupts by irqfd.
-        let mut mmio = Bus::new();
-        let mut transports = Vec::with_capacity(config.devices.len());
-        for (device, slot) in config.devices.iter().zip(&valid.slots) {
-            let irq = new_eventfd()?;
-            vm_fd
-                .register_irqfd(&irq, slot.irq)
-                .map_err(kvm("KVM_IRQFD"))?;
-            let transport = MmioTransport::new(device.clone(), ram.memory.clone(), irq)?;
-            for (queue, notify) in transport.queue_notifiers().iter().enumerate() {
-                vm_fd
-                    .register_ioevent(
-                        notify,
-                        &IoEventAddress::Mmio(slot.base + reg::QUEUE_NOTIFY),
-                        queue as u32,
-                    )
-                    .map_err(kvm("KVM_IOEVENTFD"))?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            mmio.insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
-            transports.push(transport);
-        }
-
-        // vCPUs.
-        let control = Arc::new(VcpuControl::new(config.vcpus as usize));
-        let supported = kvm_sys
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let tsc_deadline = kvm_sys.check_extension(Cap::TscDeadlineTimer);
-        let msr_indices = Arc::new(
-            kvm_sys
-                .get_msr_index_list()
-                .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?
-                .as_slice()
-                .to_vec(),
-        );
-        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for index in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            let tsc_khz = fd.get_tsc_khz().ok().filter(|&k| k > 0);
-            normalize(
-                &mut cpuid,
-                VcpuTopology {
-                    id: index,
-                    count: config.vcpus,
-                },
-                tsc_khz,
-                tsc_deadline,
-            )?;
-            fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-            configure_boot_vcpu(&fd, kernel.entry)?;
-            vcpus.push(Vcpu::new(
-                index,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                exit.clone(),
-                control.clone(),
-                msr_indices.clone(),
-            ));
-        }
-
-        Ok(Vm {
-            vm_fd,
-            ram,
-            vcpus,
-            serial,
-            transports,
-            devices: config.devices,
-            exit,
-            control,
-        })
+    /// Builds a VM that goes on from a snapshot, with new backends (see [`RestoreSpec`]). Its
+    /// RAM maps the snapshot's memory file copy-on-write. No guest code runs until
+    /// [`Vm::start`].
+    pub fn restore(spec: RestoreSpec) -> Result<Vm, VmError> {
+        builder::restore(spec)
     }
 
     /// Starts the vCPU threads and the VMM thread.
@@ -330,7 +195,7 @@ impl Vm {
             devices,
             serial,
             vm_fd,
-            _ram: ram,
+            ram,
             exit: exit.clone(),
             control: control.clone(),
             wake: wake.clone(),
@@ -381,11 +246,13 @@ enum Command {
     Resume,
     SaveState,
     RestoreState(Box<VmState>),
+    Snapshot(PathBuf),
 }
 
 enum Reply {
     Done,
     State(Box<VmState>),
+    Snapshot(SnapshotSize),
 }
 
 type CommandReply = mpsc::Sender<Result<Reply, VmError>>;
@@ -423,10 +290,9 @@ struct VmRuntime {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<VirtioDeviceHandle>,
     serial: Arc<Mutex<SerialConsole>>,
-    // The VM fd goes before the memory it maps (see the SAFETY note in `Vm::new`); the memory is
-    // only held, never read, here.
+    // The VM fd goes before the memory it maps (see the SAFETY note in `builder::create_vm`).
     vm_fd: VmFd,
-    _ram: GuestRam,
+    ram: GuestRam,
     exit: Arc<ExitSignal>,
     control: Arc<VcpuControl>,
     wake: Arc<EventFd>,
@@ -483,6 +349,7 @@ impl VmRuntime {
             }
             Command::SaveState => self.save_state().map(|s| Reply::State(Box::new(s))),
             Command::RestoreState(state) => self.restore_state(*state).map(|_| Reply::Done),
+            Command::Snapshot(dir) => self.snapshot(&dir).map(Reply::Snapshot),
         }
     }
 
@@ -546,39 +413,45 @@ impl VmRuntime {
         if !self.paused {
             return Err(VmError::NotPaused);
         }
-        if state.transports.len() != self.transports.len() {
-            return Err(VmError::State(format!(
-                "{} virtio transports saved, {} present",
-                state.transports.len(),
-                self.transports.len()
-            )));
-        }
-        if state.irqchips.len() != 3 {
-            return Err(VmError::State(format!(
-                "{} irqchips saved, 3 expected",
-                state.irqchips.len()
-            )));
-        }
-        let mut clock = state.clock;
-        // Only the clock value goes back; the flags describe how it was read.
-        clock.flags = 0;
-        self.vm_fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
-        self.vm_fd
-            .set_pit2(&state.pit)
-            .map_err(kvm("KVM_SET_PIT2"))?;
-        for chip in &state.irqchips {
-            self.vm_fd
-                .set_irqchip(chip)
-                .map_err(kvm("KVM_SET_IRQCHIP"))?;
-        }
-        for (i, (transport, saved)) in self.transports.iter().zip(&state.transports).enumerate() {
-            lock(transport)
-                .restore(saved)
-                .map_err(|e| VmError::State(format!("virtio device {i}: {e}")))?;
-        }
+        put_vm_state(&self.vm_fd, &state, &self.transports)?;
         self.control
             .restore_states(state.vcpus)
             .map_err(VmError::State)
+    }
+
+    /// Writes the paused VM into `dir` (an empty directory): the memory file, then the state
+    /// file, so that a directory with a state file holds a whole snapshot.
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotSize, VmError> {
+        let vm = self.save_state()?;
+        let devices = device_keys(&self.devices)
+            .into_iter()
+            .zip(&vm.transports)
+            .map(|(key, t)| SavedDevice {
+                key,
+                device_type: t.device_type,
+            })
+            .collect();
+        let snapshot = Snapshot {
+            build_id: crate::snapshot::build_id().to_owned(),
+            vcpus: vm.vcpus.len() as u32,
+            mem_size: self.ram.size(),
+            devices,
+            serial: lock(&self.serial).state(),
+            vm,
+        };
+        let path = dir.join(MEMORY_FILE);
+        let memory = create_private(&path)?;
+        let memory_bytes = self.ram.write_memory_file(&memory)?;
+        memory.sync_all().map_err(|source| SnapshotError::Io {
+            op: "sync",
+            path,
+            source,
+        })?;
+        let state_bytes = snapshot.write(dir)?;
+        Ok(SnapshotSize {
+            memory_bytes,
+            state_bytes,
+        })
     }
 }
 
@@ -630,7 +503,7 @@ impl VmHandle {
     pub fn save_state(&self) -> Result<VmState, VmError> {
         match self.call(Command::SaveState)? {
             Reply::State(s) => Ok(*s),
-            Reply::Done => Err(VmError::State("no state returned".into())),
+            _ => Err(VmError::State("no state returned".into())),
         }
     }
 
@@ -638,6 +511,17 @@ impl VmHandle {
     pub fn restore_state(&self, state: VmState) -> Result<(), VmError> {
         self.call(Command::RestoreState(Box::new(state)))
             .map(|_| ())
+    }
+
+    /// Writes this paused VM as a snapshot into `dir`, an existing empty directory (files in it
+    /// are never replaced), which [`Vm::restore`] then restores any number of times. A device
+    /// whose state cannot be saved now (a mounted virtio-fs share) refuses it, and nothing is
+    /// written past the memory file.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotSize, VmError> {
+        match self.call(Command::Snapshot(dir.to_owned()))? {
+            Reply::Snapshot(size) => Ok(size),
+            _ => Err(VmError::State("no snapshot written".into())),
+        }
     }
 
     /// Asks the VM to stop; [`Self::wait`] then returns [`VmExit::HostRequest`] unless it had ended

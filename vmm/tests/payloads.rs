@@ -368,3 +368,210 @@ fn bad_configs_fail_before_any_vm_exists() {
         .starts_with("vcpus: 100000"));
     assert_eq!(footprint_after(&before), before);
 }
+
+/// Where the counting payload keeps its count (3 MiB: in RAM, clear of the code and page tables).
+const COUNTER: u64 = 0x30_0000;
+
+/// Prints `count` once, then increments the 32-bit word at [`COUNTER`] forever.
+fn counting_payload() -> Vec<u8> {
+    let body = Asm::new()
+        .load_eax_abs(COUNTER)
+        .raw(&[0xff, 0xc0]) // inc eax
+        .store_eax_abs(COUNTER);
+    let back = body.len() as u8;
+    let mut code = Asm::new().print(b"count").finish();
+    code.extend_from_slice(&body.jmp_back(back).finish());
+    code
+}
+
+/// The count in a snapshot's memory file.
+fn count_in(dir: &std::path::Path) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dir.join(vmm::snapshot::MEMORY_FILE)).unwrap();
+    let mut word = [0u8; 4];
+    f.read_exact_at(&mut word, COUNTER).unwrap();
+    u32::from_le_bytes(word)
+}
+
+fn restored(dir: &std::path::Path) -> Guest {
+    let console = ConsoleBuffer::default();
+    let spec = vmm::RestoreSpec {
+        snapshot: dir.to_owned(),
+        serial: SerialOutput::Writer(Box::new(console.clone())),
+        devices: Vec::new(),
+    };
+    let handle = Vm::restore(spec).unwrap().start().unwrap();
+    Guest {
+        handle,
+        console,
+        _kernel: tempfile::NamedTempFile::new().unwrap(),
+    }
+}
+
+/// How many of this process's mappings map `file`.
+fn mappings_of(file: &std::path::Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = file.to_str().unwrap();
+    maps.lines().filter(|l| l.ends_with(name)).count()
+}
+
+#[test]
+fn a_snapshot_restores_into_vms_that_go_on_apart() {
+    let Some(_g) = kvm_or_skip("a_snapshot_restores_into_vms_that_go_on_apart") else {
+        return;
+    };
+    let before = footprint();
+    let template = tempfile::tempdir().unwrap();
+    let source = boot(&counting_payload(), 1);
+    std::thread::sleep(Duration::from_millis(200));
+    // A running VM is not snapshotted.
+    assert!(matches!(
+        source.handle.snapshot(template.path()),
+        Err(vmm::VmError::NotPaused)
+    ));
+    source.handle.pause().unwrap();
+    let size = source.handle.snapshot(template.path()).unwrap();
+    source.handle.shutdown();
+    let (_, out) = wait(source);
+    assert_eq!(out, b"count");
+    let memory = template.path().join(vmm::snapshot::MEMORY_FILE);
+    // All of RAM by length, only what holds data on disk: code, page tables, boot data, count.
+    assert_eq!(std::fs::metadata(&memory).unwrap().len(), 32 << 20);
+    assert!(
+        size.memory_bytes > 0 && size.memory_bytes < 256 << 10,
+        "{size:?}"
+    );
+    let on_disk =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&memory).unwrap()) * 512;
+    assert!(
+        on_disk <= size.memory_bytes + (64 << 10),
+        "{on_disk} bytes allocated for {size:?}"
+    );
+    let counted = count_in(template.path());
+    assert!(counted > 0, "the source VM counted");
+
+    // Two clones go on from the same count, each on its own copy of the pages it writes.
+    let a = restored(template.path());
+    let b = restored(template.path());
+    b.handle.pause().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    a.handle.pause().unwrap();
+    assert_eq!(
+        mappings_of(&memory),
+        2,
+        "each clone maps the template's memory file"
+    );
+    let (snap_a, snap_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    a.handle.snapshot(snap_a.path()).unwrap();
+    b.handle.snapshot(snap_b.path()).unwrap();
+    let (count_a, count_b) = (count_in(snap_a.path()), count_in(snap_b.path()));
+    assert!(
+        count_b >= counted && count_a > count_b,
+        "template {counted}, a {count_a}, b {count_b}: each goes on from the template's count \
+         and sees only its own writes"
+    );
+    assert_eq!(
+        count_in(template.path()),
+        counted,
+        "the template file never changes"
+    );
+    for g in [a, b] {
+        g.handle.resume().unwrap();
+        g.handle.shutdown();
+        let (exit, out) = wait(g);
+        assert_eq!(exit, VmExit::HostRequest);
+        // They went on: a rebooted payload would have printed again.
+        assert_eq!(out, b"", "a restored VM does not start over");
+    }
+    assert_eq!(mappings_of(&memory), 0);
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the VMs left something behind"
+    );
+}
+
+#[test]
+fn a_bad_snapshot_is_refused_by_name() {
+    let Some(_g) = kvm_or_skip("a_bad_snapshot_is_refused_by_name") else {
+        return;
+    };
+    let template = tempfile::tempdir().unwrap();
+    let source = boot(&counting_payload(), 2);
+    std::thread::sleep(Duration::from_millis(100));
+    source.handle.pause().unwrap();
+    source.handle.snapshot(template.path()).unwrap();
+    // A directory is written once.
+    let again = source
+        .handle
+        .snapshot(template.path())
+        .unwrap_err()
+        .to_string();
+    assert!(again.ends_with("memory: cannot create"), "{again}");
+    source.handle.shutdown();
+    wait(source);
+
+    let before = footprint();
+    let attempt = |dir: &std::path::Path, devices: Vec<vmm::config::VirtioDeviceHandle>| {
+        let spec = vmm::RestoreSpec {
+            snapshot: dir.to_owned(),
+            serial: SerialOutput::Sink,
+            devices,
+        };
+        match Vm::restore(spec) {
+            Ok(_) => panic!("a bad snapshot was restored"),
+            Err(e) => vmm::error_chain(&e),
+        }
+    };
+    let copy = |name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [vmm::snapshot::MEMORY_FILE, vmm::snapshot::STATE_FILE] {
+            std::fs::copy(template.path().join(f), dir.path().join(f)).unwrap();
+        }
+        eprintln!("bad snapshot: {name}");
+        dir
+    };
+    // A device the snapshot does not have.
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(1 << 20).unwrap();
+    let blk = vmm::devices::virtio::block::Block::new(disk.path(), false).unwrap();
+    let e = attempt(
+        template.path(),
+        vec![std::sync::Arc::new(std::sync::Mutex::new(blk))],
+    );
+    assert_eq!(
+        e,
+        "the snapshot holds the devices []; the restore was given [blk]"
+    );
+    drop(disk);
+    // A truncated memory file.
+    let dir = copy("truncated memory");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(vmm::snapshot::MEMORY_FILE))
+        .unwrap();
+    f.set_len(16 << 20).unwrap();
+    drop(f);
+    let e = attempt(dir.path(), vec![]);
+    assert!(
+        e.ends_with("16777216 bytes of memory; the state says 33554432 (truncated?)"),
+        "{e}"
+    );
+    // A corrupt state.
+    let dir = copy("corrupt state");
+    let state = dir.path().join(vmm::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&state, &bytes).unwrap();
+    assert!(attempt(dir.path(), vec![]).ends_with("checksum mismatch: the state is corrupt"));
+    // No snapshot at all.
+    let empty = tempfile::tempdir().unwrap();
+    let e = attempt(empty.path(), vec![]);
+    assert!(e.contains("state: cannot open"), "{e}");
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "a refused restore left something"
+    );
+}

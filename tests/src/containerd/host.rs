@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use procfs::process::{MMapPath, MemoryMaps, VmFlags};
+use procfs::process::MemoryMaps;
 
 /// This process's mount points (rootfs-split's mountinfo parser).
 pub fn mount_points() -> io::Result<Vec<PathBuf>> {
@@ -111,8 +111,8 @@ pub fn kill_process(pid: i32) -> io::Result<()> {
 }
 
 /// A process's resident and proportional set sizes, and the part of each that is a VMM's guest
-/// RAM: rund's VMM maps guest RAM anonymous and `MADV_DONTDUMP` (`dd` in smaps' VmFlags), which
-/// no other unnamed mapping of a shim has.
+/// RAM: rund's VMM maps guest RAM `MADV_DONTDUMP` (`dd` in smaps' VmFlags), anonymous for a cold
+/// boot and a snapshot's memory file for a restore; no other such mapping of a shim has the flag.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessMemory {
     pub rss_kib: u64,
@@ -130,7 +130,7 @@ impl ProcessMemory {
             let (rss, pss) = (kib("Rss"), kib("Pss"));
             m.rss_kib += rss;
             m.pss_kib += pss;
-            if map.pathname == MMapPath::Anonymous && map.extension.vm_flags.contains(VmFlags::DD) {
+            if vmm::memory::is_guest_ram(map) {
                 m.guest_ram_rss_kib += rss;
                 m.guest_ram_pss_kib += pss;
             }
@@ -185,16 +185,18 @@ mod tests {
                      Rss: 8 kB\nPss:                   8 kB\nVmFlags: rd ex mr mw me\n\
                      7f40-7f50 rw-p 00000000 00:00 0 \nRss: 4 kB\nPss: 4 kB\nVmFlags: rd wr mr\n\
                      7f60-7f70 r--p 00000000 00:00 0 [vvar]\nRss: 2 kB\nPss: 2 kB\n\
-                     VmFlags: rd mr pf io de dd\n";
+                     VmFlags: rd mr pf io de dd\n\
+                     7f80-7f90 rw-p 00000000 00:2a 7 /run/rund/templates/k/memory\n\
+                     Rss: 16 kB\nPss: 4 kB\nVmFlags: rd wr mr mw me ac dd\n";
         let maps = MemoryMaps::from_buf_read(smaps.as_bytes()).unwrap();
         let m = ProcessMemory::from_maps(&maps);
         assert_eq!(
             m,
             ProcessMemory {
-                rss_kib: 62,
-                pss_kib: 54,
-                guest_ram_rss_kib: 48,
-                guest_ram_pss_kib: 40
+                rss_kib: 78,
+                pss_kib: 58,
+                guest_ram_rss_kib: 64,
+                guest_ram_pss_kib: 44
             }
         );
         assert_eq!(m.own_pss_kib(), 14);

@@ -50,9 +50,81 @@ impl SerialConsole {
         let _ = self.uart.writer_mut().flush();
     }
 
+    /// A UART raising `irq` and writing to `out`, its registers as `state` left them (a
+    /// restored guest's driver goes on with the interrupts it had enabled). Fails only if the
+    /// interrupt the state has pending cannot be raised.
+    pub fn restored(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> std::io::Result<Self> {
+        let uart = Serial::from_state(
+            &state.into(),
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            LineWriter::new(out),
+        )
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(SerialConsole { uart })
+    }
+
     /// The UART's registers, for snapshots.
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.uart.state()
+    pub fn state(&self) -> SerialState {
+        SerialState::from(&self.uart.state())
+    }
+}
+
+/// The 16550's registers as a snapshot keeps them (vm-superio's own state type is not
+/// serialisable). Guest input not yet read is dropped: a template has none worth keeping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+}
+
+impl From<&vm_superio::serial::SerialState> for SerialState {
+    fn from(s: &vm_superio::serial::SerialState) -> Self {
+        SerialState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+        }
+    }
+}
+
+impl From<&SerialState> for vm_superio::serial::SerialState {
+    fn from(s: &SerialState) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor[0],
+            baud_divisor_high: s.baud_divisor[1],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: Vec::new(),
+        }
     }
 }
 

@@ -278,4 +278,24 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// transport then sets the acked features and activates it with the saved queues. A state
     /// that does not fit this device (another backend size, mode or ID) is refused.
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError>;
+    /// The device's name in a snapshot's device layout: a restore hands each saved state to the
+    /// device of the same key, wherever the caller listed it. By default the kind of device
+    /// (`blk`, `vsock`, ...); the VMM numbers repeats (`blk#1`). virtio-fs adds its tag.
+    fn state_key(&self) -> String {
+        device_kind(self.device_type()).to_owned()
+    }
+    /// The VM was restored from a snapshot and is about to run: the host side of whatever the
+    /// guest had open is gone (virtio-vsock resets its transport). Nothing by default.
+    fn restored(&mut self) {}
+}
+
+/// A short name for a virtio device ID.
+pub fn device_kind(device_type: u32) -> &'static str {
+    match device_type {
+        1 => "net",
+        2 => "blk",
+        19 => "vsock",
+        26 => "fs",
+        _ => "virtio",
+    }
 }

@@ -419,6 +419,10 @@ impl VirtioDevice for Fs {
         self.session = None;
     }
 
+    fn state_key(&self) -> String {
+        format!("fs:{}", self.config.tag)
+    }
+
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
         if self.mounted() {
             return Err(DeviceStateError::Busy(format!(

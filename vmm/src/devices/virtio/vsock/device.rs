@@ -258,6 +258,12 @@ impl VirtioDevice for Vsock {
         self.pending_reset_event = false;
     }
 
+    // The guest's connections died with the snapshot's host side: it must drop them (its
+    // listeners survive), or a guest-initiated connect would wait forever.
+    fn restored(&mut self) {
+        self.send_transport_reset();
+    }
+
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
         serde_json::to_value(self.state()).map_err(DeviceStateError::Format)
     }

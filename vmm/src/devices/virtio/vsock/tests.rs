@@ -1547,7 +1547,8 @@ mod transport_tests {
         let mut t2 =
             MmioTransport::new(dev2.clone(), mem.clone(), irq.try_clone().unwrap()).unwrap();
         t2.restore(&state).unwrap();
-        dev2.lock().unwrap().send_transport_reset();
+        // What a VM restore does to each device: vsock resets its transport.
+        VirtioDevice::restored(&mut *dev2.lock().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let vmm = vmm_thread(dev2.clone(), stop.clone());
         g.kicks = t2
