@@ -1,3 +1,17 @@
-//! MicroVM templates: boot once, snapshot, restore sandboxes with copy-on-write memory.
+//! MicroVM templates: a VM booted once to the point where its agent answers, then snapshotted,
+//! which sandboxes restore instead of booting, their RAM mapped copy-on-write from the
+//! template's memory file.
 //!
-//! See README.md beside this crate; the crate has no code yet.
+//! - [`key`]: what a template is made from ([`TemplateInputs`]: kernel, initramfs, VMM build,
+//!   shape, device layout) and the [`TemplateKey`] they hash to;
+//! - [`store`]: the templates of a host under one directory (`/run/rund/templates`, tmpfs):
+//!   find, make once under a lock, list, remove, and drop the stale.
+//!
+//! Booting the source VM and quiescing it (an agent that answered, no share mounted, no
+//! connection open) is the caller's part: it knows the agent.
+
+pub mod key;
+pub mod store;
+
+pub use key::{FileIdentity, TemplateInputs, TemplateKey};
+pub use store::{Template, TemplateError, TemplateInfo, TemplateStore};
