@@ -62,8 +62,12 @@ pub const MAX_PKT_DATA: u32 = 64 * 1024;
 /// Buffer space the device advertises to the guest per connection: guest data the host socket has
 /// not taken yet is kept up to this bound, and a guest sending beyond it gets its connection reset.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
-/// Forwarded-but-unannounced bytes after which the device sends a CREDIT_UPDATE.
-pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 2;
+/// Forwarded-but-unannounced bytes after which the device sends a CREDIT_UPDATE: once less than
+/// one full packet of the advertised space is left unannounced, as Linux's own transport does
+/// (`virtio_transport_stream_do_dequeue`). Each update is a packet for the guest, so an interrupt,
+/// which costs the most in a nested guest; a sender that streams still has a packet's worth of
+/// credit while the update travels.
+pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC - MAX_PKT_DATA;
 
 /// Connections (bridged, being set up, or waiting for their CONNECT line) at once; more are
 /// refused (a guest REQUEST gets RST, a host connection is closed).
