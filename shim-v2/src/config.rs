@@ -39,6 +39,7 @@ pub struct Config {
     pub guest: GuestConfig,
     pub writable_layer: WritableLayerConfig,
     pub cgroup_pool: CgroupPoolConfig,
+    pub template: TemplateConfig,
     pub paths: PathsConfig,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: LogLevel,
@@ -120,6 +121,40 @@ impl Default for CgroupPoolConfig {
             parent: "rund".into(),
             low_watermark: 8,
             high_watermark: 32,
+        }
+    }
+}
+
+/// Whether sandboxes start from templates (docs/templates.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateMode {
+    /// Restore the sandbox's shape's template if there is one; else cold-boot, and make the
+    /// template after the sandbox started.
+    Auto,
+    /// Every sandbox restores a template; a missing one is made first (and waited for).
+    Require,
+    /// Every sandbox cold-boots. The default until the restore path has passed the containerd
+    /// tests in CI: it is new.
+    #[default]
+    Off,
+}
+
+/// Templates.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// `auto`, `require` or `off`.
+    pub mode: TemplateMode,
+    /// Where templates live (tmpfs: they hold guest memory and are remade after a reboot).
+    pub dir: PathBuf,
+}
+
+impl Default for TemplateConfig {
+    fn default() -> Self {
+        TemplateConfig {
+            mode: TemplateMode::default(),
+            dir: PathBuf::from(templates::store::DEFAULT_ROOT),
         }
     }
 }
@@ -243,6 +278,7 @@ impl Config {
             ("writable_layer.dir", &self.writable_layer.dir),
             ("paths.run_dir", &self.paths.run_dir),
             ("paths.lib_dir", &self.paths.lib_dir),
+            ("template.dir", &self.template.dir),
         ] {
             if !p.is_absolute() {
                 return Err(invalid(key, p.display().to_string(), "must be absolute"));
@@ -331,6 +367,7 @@ mod tests {
                 "cgroup_pool.low_watermark",
             ),
             ("[cgroup_pool]\nparent = \"a:b\"\n", "cgroup_pool.parent"),
+            ("[template]\ndir = \"templates\"\n", "template.dir"),
         ];
         for (text, key) in cases {
             let e = parse(text).unwrap_err().to_string();
@@ -348,6 +385,26 @@ mod tests {
         assert!(e.contains("default_vcpus"), "{e}");
         let e = parse("log_level = \"loud\"\n").unwrap_err().to_string();
         assert!(e.contains("loud"), "{e}");
+        let e = parse("[template]\nmode = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sometimes") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn template_modes_parse() {
+        for (text, mode) in [
+            ("auto", TemplateMode::Auto),
+            ("require", TemplateMode::Require),
+            ("off", TemplateMode::Off),
+        ] {
+            let c = parse(&format!("[template]\nmode = \"{text}\"\n")).unwrap();
+            assert_eq!(c.template.mode, mode);
+        }
+        assert_eq!(
+            Config::default().template.dir,
+            PathBuf::from("/run/rund/templates")
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `rund`: the admin CLI. `rund install` puts rund on a host and prints (or writes) what
-//! containerd and Kubernetes need; `rund check` says whether this host can run sandboxes.
+//! containerd and Kubernetes need; `rund check` says whether this host can run sandboxes;
+//! `rund template` makes, lists and removes the host's sandbox templates.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,52 @@ enum Command {
     Install(InstallArgs),
     /// Check whether this host can run sandboxes (exit status 1 when it cannot).
     Check(CheckArgs),
+    /// The host's sandbox templates (booted microVMs that sandboxes restore).
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Make the template of a sandbox shape (default: a pod without limits), unless it exists.
+    Create(TemplateCreateArgs),
+    /// List the templates: key, shape, size on disk, age, restores, and whether still current.
+    List(TemplateListArgs),
+    /// Remove a template (sandboxes restored from it keep running).
+    Remove(TemplateRemoveArgs),
+}
+
+#[derive(Args)]
+struct TemplateCreateArgs {
+    /// The configuration [default: $RUND_CONFIG, else /etc/rund/config.toml].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// vCPUs [default: guest.default_vcpus].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB, overhead included [default: guest.default_memory_mib +
+    /// guest.memory_overhead_mib, as a pod without limits gets].
+    #[arg(long, value_name = "M")]
+    memory_mib: Option<u32>,
+}
+
+#[derive(Args)]
+struct TemplateListArgs {
+    /// The configuration [default: $RUND_CONFIG, else /etc/rund/config.toml].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TemplateRemoveArgs {
+    /// The configuration [default: $RUND_CONFIG, else /etc/rund/config.toml].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The template's key (`rund template list`), or `all`.
+    key: String,
 }
 
 #[derive(Args)]
@@ -138,9 +185,152 @@ fn run_check(args: CheckArgs) -> ExitCode {
     }
 }
 
+fn load_config(path: Option<&std::path::Path>) -> Result<shim_v2::config::Config, String> {
+    LoadedConfig::load(path, "/".as_ref())
+        .map(|l| l.config)
+        .map_err(|e| error_chain(&e))
+}
+
+fn run_template(command: TemplateCommand) -> Result<(), String> {
+    use shim_v2::shim::template;
+    match command {
+        TemplateCommand::Create(args) => {
+            let config = std::sync::Arc::new(load_config(args.config.as_deref())?);
+            let g = &config.guest;
+            let size = shim_v2::shim::sizing::VmSize {
+                vcpus: args.vcpus.unwrap_or(g.default_vcpus),
+                memory_mib: args
+                    .memory_mib
+                    .unwrap_or(g.default_memory_mib + g.memory_overhead_mib),
+            };
+            if size.vcpus == 0 || size.vcpus > g.max_vcpus {
+                return Err(format!(
+                    "--vcpus {}: must be between 1 and guest.max_vcpus ({})",
+                    size.vcpus, g.max_vcpus
+                ));
+            }
+            if size.memory_mib < shim_v2::config::MIN_MEMORY_MIB {
+                return Err(format!(
+                    "--memory-mib {}: below the {} MiB a guest needs",
+                    size.memory_mib,
+                    shim_v2::config::MIN_MEMORY_MIB
+                ));
+            }
+            vmm::host_check::check_host().map_err(|e| error_chain(&e))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting a runtime: {e}"))?;
+            let t = runtime
+                .block_on(async move {
+                    tokio::task::spawn_blocking(move || {
+                        template::get_or_make(
+                            &config,
+                            size,
+                            true,
+                            tokio::runtime::Handle::current(),
+                        )
+                    })
+                    .await
+                })
+                .map_err(|e| format!("the template maker failed: {e}"))?
+                .map_err(|e| error_chain(&e))?
+                .ok_or("the template was not made")?;
+            println!("{} {}", t.key, t.dir.display());
+            Ok(())
+        }
+        TemplateCommand::List(args) => {
+            let config = load_config(args.config.as_deref())?;
+            let store = template::store(&config).map_err(|e| error_chain(&e))?;
+            let all = store.list().map_err(|e| error_chain(&e))?;
+            let current = |t: &templates::Template| {
+                let size = shim_v2::shim::sizing::VmSize {
+                    vcpus: t.info.inputs.vcpus,
+                    memory_mib: t.info.inputs.mem_mib,
+                };
+                template::inputs(&config, size).is_ok_and(|i| i == t.info.inputs)
+            };
+            if args.json {
+                let rows: Vec<_> = all
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "key": t.key.as_str(),
+                            "vcpus": t.info.inputs.vcpus,
+                            "memory_mib": t.info.inputs.mem_mib,
+                            "size_on_disk": t.size_on_disk(),
+                            "age_s": t.age().as_secs(),
+                            "restores": t.restores(),
+                            "current": current(t),
+                            "dir": t.dir,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<16}  {:>5}  {:>7}  {:>9}  {:>8}  {:>8}  state",
+                    "KEY", "VCPUS", "MEMORY", "ON DISK", "AGE", "RESTORES"
+                );
+                for t in &all {
+                    println!(
+                        "{:<16}  {:>5}  {:>5}Mi  {:>7}Ki  {:>7}s  {:>8}  {}",
+                        t.key,
+                        t.info.inputs.vcpus,
+                        t.info.inputs.mem_mib,
+                        t.size_on_disk() >> 10,
+                        t.age().as_secs(),
+                        t.restores(),
+                        if current(t) {
+                            "current"
+                        } else {
+                            "stale (inputs changed)"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        TemplateCommand::Remove(args) => {
+            let config = load_config(args.config.as_deref())?;
+            let store = template::store(&config).map_err(|e| error_chain(&e))?;
+            let keys: Vec<templates::TemplateKey> = if args.key == "all" {
+                store
+                    .list()
+                    .map_err(|e| error_chain(&e))?
+                    .into_iter()
+                    .map(|t| t.key)
+                    .collect()
+            } else {
+                vec![templates::TemplateKey::parse(&args.key).ok_or_else(|| {
+                    format!(
+                        "{:?} is not a template key (16 hex digits; see `rund template list`)",
+                        args.key
+                    )
+                })?]
+            };
+            for key in keys {
+                if !store.remove(&key).map_err(|e| error_chain(&e))? {
+                    return Err(format!("no template {key}"));
+                }
+                println!("removed {key}");
+            }
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Install(args) => run_install(args),
         Command::Check(args) => run_check(args),
+        Command::Template(command) => match run_template(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rund template: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -17,6 +17,7 @@ pub mod service;
 pub mod sizing;
 pub mod spec;
 pub mod stdio;
+pub mod template;
 
 use std::path::Path;
 use std::sync::Arc;

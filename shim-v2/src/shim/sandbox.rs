@@ -17,24 +17,25 @@ use rootfs_split::{RootfsMount, SandboxRootfs, Share, WritableLayer};
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
-use vmm::{error_chain, SerialOutput, Vm, VmConfig, VmHandle};
+use vmm::{error_chain, RestoreSpec, SerialOutput, Vm, VmConfig, VmHandle};
 
 use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
 use super::record::SandboxRecord;
 use super::sizing::{vm_size, VmSize};
 use super::spec::guest_spec;
-use crate::config::{Config, LogLevel};
+use super::template;
+use crate::config::{Config, LogLevel, TemplateMode};
 
 /// The kernel command line rund starts from; the VMM appends its devices.
 const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 const GUEST_CID: u64 = 3;
 /// Short: a unix socket path holds at most 107 bytes, and a CRI sandbox id alone is 64.
-const VSOCK_SOCKET: &str = "vsock";
+pub(super) const VSOCK_SOCKET: &str = "vsock";
 /// Storage names in the guest (`<GUEST_STORAGE_DIR>/<name>`) and their virtio-fs tags.
-const SHARE_RO: &str = "share-ro";
-const SHARE_RW: &str = "share-rw";
+pub(super) const SHARE_RO: &str = "share-ro";
+pub(super) const SHARE_RW: &str = "share-rw";
 const WRITABLE: &str = "rw";
 /// The writable device: the first (and only) virtio-blk disk.
 const WRITABLE_DEVICE: &str = "/dev/vda";
@@ -88,6 +89,8 @@ pub enum SandboxError {
     Spec(#[from] super::spec::SpecError),
     #[error("a blocking task of the sandbox failed: {0}")]
     Join(String),
+    #[error("templates: {0}")]
+    Template(String),
 }
 
 /// How long each step of a sandbox's start took.
@@ -97,6 +100,8 @@ pub struct StartSplit {
     pub rootfs: Duration,
     pub vm: Duration,
     pub agent: Duration,
+    /// The VM was restored from a template (then `vm` is the restore).
+    pub from_template: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -108,13 +113,15 @@ impl StartSplit {
     pub fn log(&self, sandbox_id: &str, container: Duration) {
         let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
         info!(
-            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1}",
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} restore_ms={:.1} start={}",
             ms(self.cgroup),
             ms(self.rootfs),
             ms(self.vm),
             ms(self.agent),
             ms(container),
-            ms(total)
+            ms(total),
+            if self.from_template { ms(self.vm) } else { 0.0 },
+            if self.from_template { "template" } else { "cold" }
         );
     }
 }
@@ -158,7 +165,7 @@ pub struct Sandbox {
     console: ConsoleTail,
 }
 
-fn ctx(timeout: Duration) -> ttrpc::context::Context {
+pub(super) fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(timeout.as_nanos() as i64)
 }
 
@@ -231,35 +238,60 @@ fn console_tail(lines: &str) -> String {
     }
 }
 
-fn vm_config(
+pub(super) fn vm_config(
     config: &Config,
     dir: &Path,
     console: &ConsoleTail,
     rootfs: &SandboxRootfs,
     size: VmSize,
 ) -> Result<VmConfig, SandboxError> {
-    let device = |e: &dyn std::fmt::Display| SandboxError::Device(e.to_string());
     let mut vm = VmConfig::new(&config.guest.kernel);
     vm.initrd = Some(config.guest.initramfs.clone());
-    vm.cmdline = format!("{BASE_CMDLINE} {}", config.guest.extra_cmdline)
-        .trim_end()
-        .to_owned();
+    vm.cmdline = guest_cmdline(config);
     vm.vcpus = size.vcpus;
     vm.mem_mib = size.memory_mib;
+    vm.serial = serial(config, dir, console)?;
+    vm.devices = sandbox_devices(dir, rootfs)?;
+    Ok(vm)
+}
+
+/// The guest kernel's command line (the VMM adds its devices).
+pub(super) fn guest_cmdline(config: &Config) -> String {
+    format!("{BASE_CMDLINE} {}", config.guest.extra_cmdline)
+        .trim_end()
+        .to_owned()
+}
+
+/// The console: its tail kept for error messages, and a log file at debug level.
+fn serial(
+    config: &Config,
+    dir: &Path,
+    console: &ConsoleTail,
+) -> Result<SerialOutput, SandboxError> {
     let console_log = dir.join("console.log");
     let file = match config.log_level {
         LogLevel::Debug | LogLevel::Trace => Some(console_log.as_path()),
         _ => None,
     };
-    vm.serial = SerialOutput::Writer(Box::new(console.writer(file).map_err(|e| {
-        SandboxError::Device(format!("the console log {}: {e}", console_log.display()))
-    })?));
+    Ok(SerialOutput::Writer(Box::new(
+        console.writer(file).map_err(|e| {
+            SandboxError::Device(format!("the console log {}: {e}", console_log.display()))
+        })?,
+    )))
+}
+
+/// A sandbox's devices, in the order its guest knows them (a template's layout too): the
+/// writable layer, the read-only and read-write shares, vsock on `<dir>/vsock`.
+fn sandbox_devices(
+    dir: &Path,
+    rootfs: &SandboxRootfs,
+) -> Result<Vec<vmm::config::VirtioDeviceHandle>, SandboxError> {
+    let device = |e: &dyn std::fmt::Display| SandboxError::Device(e.to_string());
     let share = |tag: &str, shared_dir: &Path, read_only: bool| {
         Fs::new(FsConfig {
             tag: tag.into(),
             shared_dir: shared_dir.to_owned(),
             read_only,
-            // Image layers never change under the guest; volumes may, from the host.
             cache: if read_only {
                 CachePolicy::Always
             } else {
@@ -269,7 +301,7 @@ fn vm_config(
         })
         .map_err(|e| device(&e))
     };
-    vm.devices = vec![
+    Ok(vec![
         Arc::new(Mutex::new(
             Block::new(rootfs.image_path(), false).map_err(|e| device(&e))?,
         )),
@@ -286,8 +318,7 @@ fn vm_config(
         Arc::new(Mutex::new(
             Vsock::new(GUEST_CID, &dir.join(VSOCK_SOCKET)).map_err(|e| device(&e))?,
         )),
-    ];
-    Ok(vm)
+    ])
 }
 
 /// Lines of the console an error quotes.
@@ -295,7 +326,7 @@ const CONSOLE_LINES: usize = 20;
 
 /// Connects to the agent once it answers `Check`; fails at `timeout`, or as soon as the guest
 /// has stopped, quoting the console's end either way.
-async fn connect_agent(
+pub(super) async fn connect_agent(
     socket: &Path,
     timeout: Duration,
     vm: &VmHandle,
@@ -413,13 +444,44 @@ impl Sandbox {
         split.rootfs = t.elapsed();
 
         let t = Instant::now();
+        let template = match config.template.mode {
+            TemplateMode::Off => None,
+            TemplateMode::Auto => {
+                let c = config.clone();
+                blocking(move || {
+                    template::store(&c)?
+                        .find(&template::inputs(&c, size)?)
+                        .map_err(|e| SandboxError::Template(error_chain(&e)))
+                })
+                .await?
+            }
+            TemplateMode::Require => {
+                let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
+                blocking(move || template::get_or_make(&c, size, true, rt)).await?
+            }
+        };
         let vm = vm_config(config, dir, console, &rootfs, size);
         held.rootfs = Some(rootfs);
         let vm = vm?;
+        split.from_template = template.is_some();
         let handle = blocking(move || {
-            Vm::new(vm)
+            let vm = match &template {
+                Some(t) => Vm::restore(RestoreSpec {
+                    snapshot: t.dir.clone(),
+                    serial: vm.serial,
+                    devices: vm.devices,
+                }),
+                None => Vm::new(vm),
+            };
+            let handle = vm
                 .and_then(|vm| vm.start())
-                .map_err(|e| SandboxError::Vm(error_chain(&e)))
+                .map_err(|e| SandboxError::Vm(error_chain(&e)))?;
+            if let Some(t) = &template {
+                if let Err(e) = t.record_restore() {
+                    warn!("template {}: {}", t.key, error_chain(&e));
+                }
+            }
+            Ok(handle)
         })
         .await?;
         held.vm = Some(handle);
@@ -432,6 +494,10 @@ impl Sandbox {
             .as_ref()
             .ok_or_else(|| SandboxError::Vm("the microVM is gone".into()))?;
         let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, vm, console).await?;
+        if split.from_template {
+            let hostname = spec.hostname().clone().unwrap_or_default();
+            template::set_identity(&agent, &hostname, timeout).await?;
+        }
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_owned();
         req.hostname = spec.hostname().clone().unwrap_or_default();
@@ -448,11 +514,25 @@ impl Sandbox {
             }))?;
         split.agent = t.elapsed();
         info!(
-            "sandbox {id}: {} vCPUs, {} MiB, started in {:?}",
+            "sandbox {id}: {} vCPUs, {} MiB, started {} in {:?}",
             size.vcpus,
             size.memory_mib,
+            if split.from_template {
+                "from a template"
+            } else {
+                "cold"
+            },
             split.cgroup + split.rootfs + split.vm + split.agent
         );
+        if config.template.mode == TemplateMode::Auto && !split.from_template {
+            // The next sandbox of this shape restores it; this one does not wait for it.
+            let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
+            tokio::task::spawn_blocking(move || match template::get_or_make(&c, size, false, rt) {
+                Ok(Some(t)) => info!("template {} is ready", t.key),
+                Ok(None) => debug!("a template of this shape is being made elsewhere"),
+                Err(e) => warn!("making a template: {e}"),
+            });
+        }
         Ok((agent, size, split))
     }
 

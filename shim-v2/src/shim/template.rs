@@ -1,0 +1,171 @@
+//! Sandboxes from templates (docs/templates.md): what a sandbox's template is made from, making
+//! one from a cold-booted VM whose agent answered, and the fresh identity a restored guest gets
+//! before any container exists.
+//!
+//! A template VM has a sandbox's devices in a sandbox's order, with backends of its own: a
+//! writable layer copied from the same base image (the guest's block layer cached what it read of
+//! it at boot, the partition table's page, which a sandbox's copy then holds too) and empty
+//! shares, which the guest has not mounted when the snapshot is taken.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agent_protocol::agent::SetGuestIdentityRequest;
+use agent_protocol::AgentClient;
+use log::info;
+use rootfs_split::{SandboxRootfs, WritableLayer};
+use templates::{FileIdentity, Template, TemplateInputs, TemplateStore};
+use vmm::{error_chain, Vm};
+
+use super::console::ConsoleTail;
+use super::sandbox::{
+    connect_agent, ctx, guest_cmdline, vm_config, SandboxError, SHARE_RO, SHARE_RW, VSOCK_SOCKET,
+};
+use super::sizing::VmSize;
+use crate::config::Config;
+
+/// Fresh randomness a restored guest's CRNG is reseeded with.
+const SEED_BYTES: usize = 64;
+
+fn template_err(e: templates::TemplateError) -> SandboxError {
+    SandboxError::Template(error_chain(&e))
+}
+
+/// The host's template store.
+pub fn store(config: &Config) -> Result<TemplateStore, SandboxError> {
+    TemplateStore::open(&config.template.dir).map_err(template_err)
+}
+
+/// What the template of a sandbox of `size` is made from.
+pub fn inputs(config: &Config, size: VmSize) -> Result<TemplateInputs, SandboxError> {
+    let identity = |what: &'static str, path: &Path| {
+        FileIdentity::of(path).map_err(|source| SandboxError::GuestFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    Ok(TemplateInputs {
+        kernel: identity("guest kernel", &config.guest.kernel)?,
+        initrd: Some(identity("guest initramfs", &config.guest.initramfs)?),
+        cmdline: guest_cmdline(config),
+        vmm_build: vmm::snapshot::build_id().to_owned(),
+        vcpus: size.vcpus,
+        mem_mib: size.memory_mib,
+        devices: vec![
+            format!("blk rw {}M", config.writable_layer.size_mib),
+            format!("fs:{SHARE_RO} ro"),
+            format!("fs:{SHARE_RW} rw"),
+            "vsock".to_owned(),
+        ],
+    })
+}
+
+/// The template for `size`: found, or made now (a cold boot of a template VM to its agent's
+/// answer, then its snapshot). With `wait`, a template another process is making is waited for;
+/// without, `None` comes back at once. Blocking: call it off the async runtime's threads.
+pub fn get_or_make(
+    config: &Arc<Config>,
+    size: VmSize,
+    wait: bool,
+    runtime: tokio::runtime::Handle,
+) -> Result<Option<Template>, SandboxError> {
+    let store = store(config)?;
+    let inputs = inputs(config, size)?;
+    store
+        .get_or_make(&inputs, wait, |dir| {
+            snapshot_template_vm(config, size, dir, &runtime).map_err(|e| e.to_string().into())
+        })
+        .map_err(template_err)
+}
+
+/// Boots a template VM, waits for its agent, and snapshots it into `dir`.
+fn snapshot_template_vm(
+    config: &Arc<Config>,
+    size: VmSize,
+    dir: &Path,
+    runtime: &tokio::runtime::Handle,
+) -> Result<u64, SandboxError> {
+    // The VM's own state (sockets, shares, image record) lives beside the snapshot being made
+    // and goes with it: `dir` is renamed into place or removed.
+    let work = dir.join("work");
+    std::fs::create_dir(&work)
+        .map_err(|e| SandboxError::Device(format!("{}: {e}", work.display())))?;
+    let layer = WritableLayer::new(&config.writable_layer.dir, config.writable_layer.size_mib)?;
+    let id = format!(
+        "template-{}-{}",
+        std::process::id(),
+        dir.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().replace('.', ""))
+    );
+    let rootfs = SandboxRootfs::create(&work, &id, &layer)?;
+    let console = ConsoleTail::new();
+    let result = (|| {
+        let vm = vm_config(config, &work, &console, &rootfs, size)?;
+        let handle = Vm::new(vm)
+            .and_then(Vm::start)
+            .map_err(|e| SandboxError::Vm(error_chain(&e)))?;
+        let timeout = Duration::from_secs(config.guest.agent_timeout_secs);
+        let answered = runtime.block_on(async {
+            let agent = connect_agent(&work.join(VSOCK_SOCKET), timeout, &handle, &console).await?;
+            // No connection may be open in a template: clones could not go on with it.
+            drop(agent);
+            Ok::<(), SandboxError>(())
+        });
+        let snapshot = answered.and_then(|()| {
+            // The guest sees its connection close before it stops.
+            std::thread::sleep(Duration::from_millis(50));
+            handle
+                .pause()
+                .and_then(|()| handle.snapshot(dir))
+                .map_err(|e| SandboxError::Vm(error_chain(&e)))
+        });
+        handle.shutdown();
+        handle.wait();
+        snapshot
+    })();
+    if let Err(e) = rootfs.destroy() {
+        log::warn!("removing the template VM's root filesystem: {e}");
+    }
+    if let Err(e) = std::fs::remove_dir_all(&work) {
+        log::warn!("removing {}: {e}", work.display());
+    }
+    let size = result?;
+    info!(
+        "template snapshot: {} KiB of guest memory, {} KiB of state",
+        size.memory_bytes >> 10,
+        size.state_bytes >> 10
+    );
+    Ok(size.memory_bytes)
+}
+
+/// Gives a restored guest its own identity before anything else runs in it: fresh entropy
+/// credited and the CRNG reseeded, the wall clock set to the host's, the sandbox's hostname.
+pub async fn set_identity(
+    agent: &AgentClient,
+    hostname: &str,
+    timeout: Duration,
+) -> Result<(), SandboxError> {
+    let mut seed = vec![0u8; SEED_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| SandboxError::Device(format!("reading /dev/urandom: {e}")))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut req = SetGuestIdentityRequest::new();
+    req.hostname = hostname.to_owned();
+    req.random_seed = seed;
+    req.clock_sec = now.as_secs() as i64;
+    req.clock_nsec = now.subsec_nanos();
+    agent
+        .set_guest_identity(ctx(timeout), &req)
+        .await
+        .map(drop)
+        .map_err(|e| SandboxError::AgentRefused {
+            op: "SetGuestIdentity",
+            message: e.to_string(),
+        })
+}
