@@ -526,12 +526,9 @@ impl Sandbox {
         );
         if config.template.mode == TemplateMode::Auto && !split.from_template {
             // The next sandbox of this shape restores it; this one does not wait for it.
-            let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
-            tokio::task::spawn_blocking(move || match template::get_or_make(&c, size, false, rt) {
-                Ok(Some(t)) => info!("template {} is ready", t.key),
-                Ok(None) => debug!("a template of this shape is being made elsewhere"),
-                Err(e) => warn!("making a template: {e}"),
-            });
+            if let Err(e) = template::make_detached(config, size) {
+                warn!("cannot start making the template of this shape: {e}");
+            }
         }
         Ok((agent, size, split))
     }

@@ -141,6 +141,61 @@ fn snapshot_template_vm(
     Ok(size.memory_bytes)
 }
 
+/// Starts `rund template create` for `size` as a process of its own session, which outlives this
+/// shim: a shim exits with its last container, and a template half made when it does would be
+/// lost (and leave its VM's mounts behind). `rund` is the one installed beside this shim; its
+/// output goes to `<run_dir>/template-maker.log`, which a pipe to a shim that exited could not take.
+pub fn make_detached(config: &Config, size: VmSize) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let rund = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("rund"))
+        .ok_or_else(|| std::io::Error::other("the shim's own path has no directory"))?;
+    let log_path = config.paths.run_dir.join("template-maker.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut command = std::process::Command::new(&rund);
+    command
+        .args(["template", "create", "--vcpus"])
+        .arg(size.vcpus.to_string())
+        .arg("--memory-mib")
+        .arg(size.memory_mib.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    info!(
+        "making the template of {} vCPUs, {} MiB in the background (pid {}, log {})",
+        size.vcpus,
+        size.memory_mib,
+        child.id(),
+        log_path.display()
+    );
+    // Reaped here while the shim lives; after that, by whoever inherits it.
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            if !status.success() {
+                log::warn!(
+                    "`rund template create` failed ({status}); see {}",
+                    log_path.display()
+                );
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Gives a restored guest its own identity before anything else runs in it: fresh entropy
 /// credited and the CRNG reseeded, the wall clock set to the host's, the sandbox's hostname.
 pub async fn set_identity(
