@@ -89,16 +89,8 @@ fn check_private_dir(path: &Path) -> Result<(), TemplateError> {
     if !meta.is_dir() {
         return Err(refuse("not a directory".into()));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if meta.uid() != euid {
-        return Err(refuse(format!("owned by uid {}, not {euid}", meta.uid())));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(refuse(format!(
-            "mode {:o} lets others in (0700 at most)",
-            meta.mode() & 0o7777
-        )));
+    if let Some(why) = vmm::snapshot::not_private(&meta, "0700") {
+        return Err(refuse(why));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmm::testing::{tiny_elf, Asm, PAYLOAD_ADDR};
+use vmm::testing::{ms, percentile, tiny_elf, Asm, PAYLOAD_ADDR};
 use vmm::{RestoreSpec, SerialOutput, Vm, VmConfig, VmHandle};
 
 const MEM_MIB: u32 = 128;
@@ -62,14 +62,6 @@ fn restore(snapshot: &Path) -> Duration {
     handle.shutdown();
     handle.wait();
     d
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn main() {

@@ -15,7 +15,7 @@ use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmm::arch::regs::{boot_regs, boot_sregs, write_boot_tables};
 use vmm::memory::map_ram;
-use vmm::testing::{tiny_elf, Asm, PAYLOAD_ADDR};
+use vmm::testing::{ms, percentile, tiny_elf, Asm, PAYLOAD_ADDR};
 use vmm::{Vm, VmConfig};
 
 const MEM_MIB: u32 = 128;
@@ -89,15 +89,6 @@ fn floor_setup(code: &[u8]) -> Duration {
     vcpu.set_kvm_immediate_exit(1);
     let _ = vcpu.run();
     elapsed
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn main() {

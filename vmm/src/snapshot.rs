@@ -145,6 +145,24 @@ pub struct Snapshot {
     pub vm: VmState,
 }
 
+/// Why a file or directory is not this process's user's alone, if it is not: another owner, or
+/// group or other permission bits (`at_most` names the widest mode allowed, for the message).
+/// What holds guest memory or a template must pass it.
+pub fn not_private(meta: &std::fs::Metadata, at_most: &str) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Some(format!("owned by uid {}, not {euid}", meta.uid()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Some(format!(
+            "mode {:o} lets others in ({at_most} at most)",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
+}
+
 /// Opens `path` for reading only if it is a regular file (not a symlink) that this process's
 /// user owns and nobody else may read or write.
 fn open_private(path: &Path) -> Result<File, SnapshotError> {
@@ -170,19 +188,8 @@ fn open_private(path: &Path) -> Result<File, SnapshotError> {
     if !meta.is_file() {
         return Err(unsafe_because("not a regular file".into()));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if meta.uid() != euid {
-        return Err(unsafe_because(format!(
-            "owned by uid {}, not {euid}",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(unsafe_because(format!(
-            "mode {:o} lets others in (0600 at most)",
-            meta.mode() & 0o7777
-        )));
+    if let Some(why) = not_private(&meta, "0600") {
+        return Err(unsafe_because(why));
     }
     Ok(file)
 }

@@ -227,3 +227,14 @@ impl ProcessFootprint {
         }
     }
 }
+
+/// The percentile `p` (0 to 1) of `sorted` (ascending, not empty), by the nearest rank of
+/// `(len - 1) * p`: what the VMM's benchmarks report.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A duration in milliseconds, for printing.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
