@@ -131,12 +131,11 @@ impl Default for CgroupPoolConfig {
 pub enum TemplateMode {
     /// Restore the sandbox's shape's template if there is one; else cold-boot, and make the
     /// template after the sandbox started.
+    #[default]
     Auto,
     /// Every sandbox restores a template; a missing one is made first (and waited for).
     Require,
-    /// Every sandbox cold-boots. The default until the restore path has passed the containerd
-    /// tests in CI: it is new.
-    #[default]
+    /// Every sandbox cold-boots.
     Off,
 }
 
@@ -405,6 +404,7 @@ mod tests {
             Config::default().template.dir,
             PathBuf::from("/run/rund/templates")
         );
+        assert_eq!(parse("").unwrap().template.mode, TemplateMode::Auto);
     }
 
     #[test]

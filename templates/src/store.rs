@@ -19,6 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::FlockOperation;
@@ -168,10 +169,22 @@ impl Template {
     }
 }
 
+/// Undoes what a maker that died left outside its `.<key>.tmp*` directory (given that directory).
+type LeftoverUndo = Arc<dyn Fn(&Path) + Send + Sync>;
+
 /// The templates under one root directory.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TemplateStore {
     root: PathBuf,
+    undo_leftovers: Option<LeftoverUndo>,
+}
+
+impl std::fmt::Debug for TemplateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An flock on a template's lock file, released on drop (and by the kernel if the holder dies).
@@ -187,7 +200,17 @@ impl TemplateStore {
             .create(&root)
             .map_err(io_err("create", &root))?;
         check_private_dir(&root)?;
-        Ok(TemplateStore { root })
+        Ok(TemplateStore {
+            root,
+            undo_leftovers: None,
+        })
+    }
+
+    /// Has `undo` called on each directory a dead maker left, before it is removed: a maker may
+    /// hold things outside it (its VM's mounts, files on another filesystem) and record them there.
+    pub fn undo_leftovers_with(mut self, undo: impl Fn(&Path) + Send + Sync + 'static) -> Self {
+        self.undo_leftovers = Some(Arc::new(undo));
+        self
     }
 
     /// The root directory.
@@ -303,6 +326,13 @@ impl TemplateStore {
         };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                log::info!(
+                    "removing {}, left by a maker that died",
+                    entry.path().display()
+                );
+                if let Some(undo) = &self.undo_leftovers {
+                    undo(&entry.path());
+                }
                 if let Err(e) = fs::remove_dir_all(entry.path()) {
                     log::warn!("cannot remove {}: {e}", entry.path().display());
                 }
@@ -487,6 +517,36 @@ mod tests {
             .filter(|n| !n.to_string_lossy().ends_with(".lock"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_dead_makers_directory_is_undone_then_removed_by_the_next_maker() {
+        let root = tempfile::tempdir().unwrap();
+        let kernel = tempfile::NamedTempFile::new().unwrap();
+        let undone = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = TemplateStore::open(root.path().join("templates"))
+            .unwrap()
+            .undo_leftovers_with({
+                let undone = undone.clone();
+                move |dir| {
+                    // What the maker recorded is still there when the hook runs.
+                    assert!(dir.join("work/record").exists());
+                    undone.lock().unwrap().push(dir.to_owned());
+                }
+            });
+        let i = inputs(kernel.path(), 128);
+        let other = inputs(kernel.path(), 256);
+        let dead = store.root().join(format!(".{}.tmpAbC123", i.key()));
+        let not_ours = store.root().join(format!(".{}.tmpAbC123", other.key()));
+        for d in [&dead, &not_ours] {
+            fs::create_dir_all(d.join("work")).unwrap();
+            fs::write(d.join("work/record"), b"r").unwrap();
+        }
+        store.get_or_make(&i, true, fake_snapshot).unwrap().unwrap();
+        assert_eq!(*undone.lock().unwrap(), vec![dead.clone()]);
+        assert!(!dead.exists());
+        // Another key's maker may be alive: its directory is its own.
+        assert!(not_ours.exists());
     }
 
     #[test]

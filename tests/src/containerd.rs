@@ -473,6 +473,38 @@ impl fmt::Display for Leftovers {
     }
 }
 
+/// One row of `rund template list --json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateRow {
+    pub key: String,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub size_on_disk: u64,
+    pub restores: u64,
+    /// Its inputs are today's.
+    pub current: bool,
+    pub dir: PathBuf,
+}
+
+impl TemplateRow {
+    fn from_json(v: &serde_json::Value) -> TemplateRow {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        TemplateRow {
+            key: v["key"].as_str().unwrap_or_default().to_owned(),
+            vcpus: n("vcpus"),
+            memory_mib: n("memory_mib"),
+            size_on_disk: n("size_on_disk"),
+            restores: n("restores"),
+            current: v["current"].as_bool().unwrap_or(false),
+            dir: PathBuf::from(v["dir"].as_str().unwrap_or_default()),
+        }
+    }
+}
+
+/// Where `RUND_E2E_TEMPLATE_MODE` (`auto`, `require`, `off`) names the template mode every
+/// harness sets in rund's configuration; unset, the configuration's own (`auto` by default).
+pub const TEMPLATE_MODE_ENV: &str = "RUND_E2E_TEMPLATE_MODE";
+
 /// The rund side of the harness: where its configuration and state live.
 #[derive(Clone, Debug)]
 pub struct RundSetup {
@@ -514,6 +546,8 @@ pub struct Containerd {
     child: Option<Child>,
     /// Unique to this harness on the host: process id and instance number.
     nonce: String,
+    /// rund's configuration file as it was before [`Containerd::set_template_mode`].
+    rund_config_saved: std::sync::Mutex<Option<String>>,
 }
 
 /// Numbers the harnesses of this process (tests run in parallel threads).
@@ -565,6 +599,7 @@ impl Containerd {
                 std::process::id(),
                 INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
+            rund_config_saved: std::sync::Mutex::new(None),
         };
         // From here on, a failure drops `cd`, which cleans up what was made so far.
         if host::is_on_overlayfs(&cd.path).map_err(io_error("statfs"))? {
@@ -619,6 +654,11 @@ impl Containerd {
         };
         if options.btrfs_snapshotter {
             cd.mount_btrfs_snapshotter_root()?;
+        }
+        if cd.rund.is_some() {
+            if let Ok(mode) = std::env::var(TEMPLATE_MODE_ENV) {
+                cd.set_template_mode(&mode)?;
+            }
         }
         cd.spawn(&config_path)?;
         cd.wait_ready()?;
@@ -715,6 +755,7 @@ impl Containerd {
             writable_layer_dir: rund_dir.join("writable"),
             run_dir: rund_dir.join("run"),
             lib_dir: rund_dir.join("lib"),
+            template_dir: rund_dir.join("templates"),
             cgroup_parent: format!("rund-e2e-{}", self.nonce),
         };
         for d in [&config.writable_layer_dir, &config.run_dir, &config.lib_dir] {
@@ -852,6 +893,84 @@ impl Containerd {
         self.rund.as_ref()
     }
 
+    /// Sets `[template] mode` in rund's configuration file, as an operator edits it (the shim
+    /// reads it at each sandbox start); the file as it was comes back when the harness ends.
+    pub fn set_template_mode(&self, mode: &str) -> Result<(), ContainerdError> {
+        let rund = self
+            .rund
+            .as_ref()
+            .ok_or_else(|| ContainerdError::Prerequisite("rund is not under test".into()))?;
+        let path = &rund.config_path;
+        let text = std::fs::read_to_string(path)
+            .map_err(io_error(format!("reading {}", path.display())))?;
+        let mut doc: toml_edit::DocumentMut =
+            text.parse()
+                .map_err(|e: toml_edit::TomlError| ContainerdError::Io {
+                    what: format!("parsing {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        doc["template"]["mode"] = toml_edit::value(mode);
+        {
+            let mut saved = self
+                .rund_config_saved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            saved.get_or_insert(text);
+        }
+        std::fs::write(path, doc.to_string())
+            .map_err(io_error(format!("writing {}", path.display())))
+    }
+
+    /// `rund ARGS` with the admin binary under test and rund's configuration.
+    pub fn rund_admin(&self, args: &[&str]) -> Result<CommandOutput, ContainerdError> {
+        let rund = self
+            .rund
+            .as_ref()
+            .ok_or_else(|| ContainerdError::Prerequisite("rund is not under test".into()))?;
+        let shim = rund_shim_binary().map_err(ContainerdError::Prerequisite)?;
+        let admin = node::admin_binary(&shim).map_err(ContainerdError::Prerequisite)?;
+        let mut cmd = Command::new(admin);
+        cmd.args(args).env("RUND_CONFIG", &rund.config_path);
+        run_command(&mut cmd, Duration::from_secs(300))
+    }
+
+    /// The templates `rund template list --json` lists.
+    pub fn templates(&self) -> Result<Vec<TemplateRow>, ContainerdError> {
+        let out = self.rund_admin(&["template", "list", "--json"])?;
+        if !out.success() {
+            return Err(ContainerdError::Failed {
+                command: "rund template list --json".into(),
+                code: out.code,
+                stderr: out.stderr,
+            });
+        }
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&out.stdout).map_err(|e| ContainerdError::Io {
+                what: format!("parsing `rund template list --json`: {}", out.stdout),
+                source: std::io::Error::other(e),
+            })?;
+        Ok(rows.iter().map(TemplateRow::from_json).collect())
+    }
+
+    /// Waits up to `timeout` until no `rund template create` runs on this host (a shim in `auto`
+    /// mode starts one after a cold start); true if none is left.
+    pub fn wait_for_template_makers(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let makers = host::processes().unwrap_or_default().into_iter().any(|p| {
+                p.cmdline.get(1).map(String::as_str) == Some("template")
+                    && p.cmdline.get(2).map(String::as_str) == Some("create")
+            });
+            if !makers {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// containerd's log: its stdout and stderr, shims' logs included.
     pub fn log_path(&self) -> &Path {
         &self.log_path
@@ -975,9 +1094,11 @@ impl Containerd {
             Some(r) => std::fs::read_dir(&r.config.run_dir)
                 .map_err(io_error(format!("listing {}", r.config.run_dir.display())))?
                 .filter_map(Result::ok)
-                // The cgroup pool keeps its own state there for the host's lifetime.
+                // The cgroup pool keeps its own state there for the host's lifetime, and the
+                // template store may be there too (`/run/rund/templates` by default).
                 .filter(|e| e.file_name() != "cgroup-pool")
                 .map(|e| e.path())
+                .filter(|p| *p != r.config.template_dir)
                 .collect(),
             None => Vec::new(),
         };
@@ -1085,6 +1206,19 @@ impl Containerd {
         }
     }
 
+    fn restore_rund_config(&self) {
+        let saved = self
+            .rund_config_saved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(text), Some(rund)) = (saved, &self.rund) {
+            if let Err(e) = std::fs::write(&rund.config_path, text) {
+                eprintln!("cannot restore {}: {e}", rund.config_path.display());
+            }
+        }
+    }
+
     fn unmount_all(&self) {
         match host::mount_points_under(&self.path) {
             Ok(mounts) => {
@@ -1113,7 +1247,13 @@ impl Drop for Containerd {
         }
         self.stop_containerd();
         self.kill_leftover_processes();
+        // A template a shim started making uses rund's configuration and its writable-layer
+        // directory: both are put back or removed below.
+        if self.rund.is_some() && !self.wait_for_template_makers(Duration::from_secs(120)) {
+            eprintln!("a `rund template create` still runs after 120 s");
+        }
         self.unmount_all();
+        self.restore_rund_config();
         if std::env::var("RUND_E2E_KEEP").is_ok_and(|v| v == "1") {
             if let Some(dir) = self.dir.take() {
                 eprintln!("RUND_E2E_KEEP=1: kept {}", dir.keep().display());

@@ -57,6 +57,10 @@ struct TemplateCreateArgs {
     /// guest.memory_overhead_mib, as a pod without limits gets].
     #[arg(long, value_name = "M")]
     memory_mib: Option<u32>,
+    /// If another process is making this template, exit at once (status 0) instead of waiting
+    /// for it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Args)]
@@ -222,22 +226,25 @@ fn run_template(command: TemplateCommand) -> Result<(), String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("starting a runtime: {e}"))?;
-            let t = runtime
+            let wait = !args.no_wait;
+            let made = runtime
                 .block_on(async move {
                     tokio::task::spawn_blocking(move || {
                         template::get_or_make(
                             &config,
                             size,
-                            true,
+                            wait,
                             tokio::runtime::Handle::current(),
                         )
                     })
                     .await
                 })
                 .map_err(|e| format!("the template maker failed: {e}"))?
-                .map_err(|e| error_chain(&e))?
-                .ok_or("the template was not made")?;
-            println!("{} {}", t.key, t.dir.display());
+                .map_err(|e| error_chain(&e))?;
+            match made {
+                Some(t) => println!("{} {}", t.key, t.dir.display()),
+                None => println!("another process is making this template"),
+            }
             Ok(())
         }
         TemplateCommand::List(args) => {
@@ -322,7 +329,14 @@ fn run_template(command: TemplateCommand) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // A template's making is worth following (it boots a VM); elsewhere only what went wrong.
+    let level = match cli.command {
+        Command::Template(_) => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match cli.command {
         Command::Install(args) => run_install(args),
         Command::Check(args) => run_check(args),
         Command::Template(command) => match run_template(command) {

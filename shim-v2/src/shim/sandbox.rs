@@ -100,6 +100,9 @@ pub struct StartSplit {
     pub rootfs: Duration,
     pub vm: Duration,
     pub agent: Duration,
+    /// Of `agent`: until the agent first answered (the rest is the guest's identity and
+    /// `CreateSandbox`). `vm` + `answer` is a boot's or a restore's time to a working guest.
+    pub answer: Duration,
     /// The VM was restored from a template (then `vm` is the restore).
     pub from_template: bool,
 }
@@ -113,13 +116,14 @@ impl StartSplit {
     pub fn log(&self, sandbox_id: &str, container: Duration) {
         let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
         info!(
-            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} restore_ms={:.1} start={}",
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} restore_ms={:.1} start={}",
             ms(self.cgroup),
             ms(self.rootfs),
             ms(self.vm),
             ms(self.agent),
             ms(container),
             ms(total),
+            ms(self.answer),
             if self.from_template { ms(self.vm) } else { 0.0 },
             if self.from_template { "template" } else { "cold" }
         );
@@ -494,6 +498,7 @@ impl Sandbox {
             .as_ref()
             .ok_or_else(|| SandboxError::Vm("the microVM is gone".into()))?;
         let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, vm, console).await?;
+        split.answer = t.elapsed();
         if split.from_template {
             let hostname = spec.hostname().clone().unwrap_or_default();
             template::set_identity(&agent, &hostname, timeout).await?;

@@ -28,14 +28,27 @@ use crate::config::Config;
 
 /// Fresh randomness a restored guest's CRNG is reseeded with.
 const SEED_BYTES: usize = 64;
+/// Where in the directory of a template being made its VM keeps its own state.
+const MAKER_WORK_DIR: &str = "work";
+/// The background makers' log, in the store; cut when it grows past this before a maker starts.
+const MAKER_LOG: &str = "maker.log";
+const MAKER_LOG_MAX_BYTES: u64 = 1 << 20;
 
 fn template_err(e: templates::TemplateError) -> SandboxError {
     SandboxError::Template(error_chain(&e))
 }
 
-/// The host's template store.
+/// The host's template store. A maker that died left its template VM's root filesystem in
+/// `work/` of its directory (a writable-layer copy beside the others, share directories): the
+/// next maker undoes it by its record.
 pub fn store(config: &Config) -> Result<TemplateStore, SandboxError> {
-    TemplateStore::open(&config.template.dir).map_err(template_err)
+    Ok(TemplateStore::open(&config.template.dir)
+        .map_err(template_err)?
+        .undo_leftovers_with(|dir| {
+            if let Err(e) = SandboxRootfs::cleanup(&dir.join(MAKER_WORK_DIR)) {
+                log::warn!("undoing a dead template maker's root filesystem: {e}");
+            }
+        }))
 }
 
 /// What the template of a sandbox of `size` is made from.
@@ -90,7 +103,7 @@ fn snapshot_template_vm(
 ) -> Result<u64, SandboxError> {
     // The VM's own state (sockets, shares, image record) lives beside the snapshot being made
     // and goes with it: `dir` is renamed into place or removed.
-    let work = dir.join("work");
+    let work = dir.join(MAKER_WORK_DIR);
     std::fs::create_dir(&work)
         .map_err(|e| SandboxError::Device(format!("{}: {e}", work.display())))?;
     let layer = WritableLayer::new(&config.writable_layer.dir, config.writable_layer.size_mib)?;
@@ -141,29 +154,49 @@ fn snapshot_template_vm(
     Ok(size.memory_bytes)
 }
 
-/// Starts `rund template create` for `size` as a process of its own session, which outlives this
-/// shim: a shim exits with its last container, and a template half made when it does would be
-/// lost (and leave its VM's mounts behind). `rund` is the one installed beside this shim; its
-/// output goes to `<run_dir>/template-maker.log`, which a pipe to a shim that exited could not take.
-pub fn make_detached(config: &Config, size: VmSize) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let rund = std::env::current_exe()?
-        .parent()
-        .map(|d| d.join("rund"))
-        .ok_or_else(|| std::io::Error::other("the shim's own path has no directory"))?;
-    let log_path = config.paths.run_dir.join("template-maker.log");
+/// Opens the background makers' log for appending, emptied first if it grew past its bound.
+fn open_maker_log(store: &TemplateStore) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = store.root().join(MAKER_LOG);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)?;
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    if log.metadata()?.len() > MAKER_LOG_MAX_BYTES {
+        log.set_len(0)?;
+    }
+    Ok((log, path))
+}
+
+/// Starts `rund template create --no-wait` for `size` as a process of its own session, which
+/// outlives this shim: a shim exits with its last container, and a template half made when it
+/// does would be lost. `rund` is the one installed beside this shim; its output goes to
+/// `maker.log` in the store, which a pipe to a shim that exited could not take. Shims that start
+/// one each for the same shape at once make the template once: the others find it being made
+/// and exit.
+pub fn make_detached(config: &Config, size: VmSize) -> Result<(), SandboxError> {
+    use std::os::unix::process::CommandExt;
+    let io = |what: &str, e: std::io::Error| SandboxError::Template(format!("{what}: {e}"));
+    let rund = std::env::current_exe()
+        .map_err(|e| io("the shim's own path", e))?
+        .parent()
+        .map(|d| d.join("rund"))
+        .ok_or_else(|| SandboxError::Template("the shim's own path has no directory".into()))?;
+    let (log, log_path) =
+        open_maker_log(&store(config)?).map_err(|e| io("the template makers' log", e))?;
     let mut command = std::process::Command::new(&rund);
     command
-        .args(["template", "create", "--vcpus"])
+        .args(["template", "create", "--no-wait", "--vcpus"])
         .arg(size.vcpus.to_string())
         .arg("--memory-mib")
         .arg(size.memory_mib.to_string())
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(
+            log.try_clone()
+                .map_err(|e| io("the template makers' log", e))?,
+        )
         .stderr(log);
     // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
     unsafe {
@@ -174,7 +207,9 @@ pub fn make_detached(config: &Config, size: VmSize) -> std::io::Result<()> {
             Ok(())
         });
     }
-    let mut child = command.spawn()?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| io(&rund.display().to_string(), e))?;
     info!(
         "making the template of {} vCPUs, {} MiB in the background (pid {}, log {})",
         size.vcpus,

@@ -1,7 +1,7 @@
 //! What `ci/bench-start` computes from its measurements: percentiles, and the split of rund's
 //! sandbox start that the shim logs, one line per sandbox, into containerd's log:
 //! `rund-start-split sandbox=<id> cgroup_ms=<f> rootfs_ms=<f> vm_ms=<f> agent_ms=<f>
-//! container_ms=<f> total_ms=<f>`.
+//! container_ms=<f> total_ms=<f> answer_ms=<f> restore_ms=<f> start=template|cold`.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ pub const START_PHASES: &[&str] = &[
     "agent_ms",
     "container_ms",
     "total_ms",
+    "answer_ms",
 ];
 
 /// The marker that starts a split line.
@@ -24,9 +25,19 @@ pub struct StartSplit {
     pub sandbox: String,
     /// `(phase, ms)` for each `<phase>_ms=<f>` on the line, in the line's order.
     pub phases: Vec<(String, f64)>,
+    /// `template` or `cold`, where the line says.
+    pub start: Option<String>,
 }
 
 impl StartSplit {
+    /// Whether the sandbox was restored from a template. containerd copies each shim's log into
+    /// its own in chunks, not lines, so another line may run straight on after the value.
+    pub fn from_template(&self) -> bool {
+        self.start
+            .as_deref()
+            .is_some_and(|s| s.starts_with("template"))
+    }
+
     /// The milliseconds of `phase` (`vm_ms`), if the line had it.
     pub fn phase(&self, phase: &str) -> Option<f64> {
         self.phases
@@ -40,6 +51,7 @@ impl StartSplit {
 pub fn parse_start_split(line: &str) -> Option<StartSplit> {
     let (_, rest) = line.split_once(START_SPLIT_MARKER)?;
     let mut sandbox = None;
+    let mut start = None;
     let mut phases = Vec::new();
     for word in rest.split_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -48,6 +60,8 @@ pub fn parse_start_split(line: &str) -> Option<StartSplit> {
         let value = value.trim_matches(|c| c == '"' || c == '\\');
         if key == "sandbox" {
             sandbox = Some(value.to_string());
+        } else if key == "start" {
+            start = Some(value.to_string());
         } else if key.ends_with("_ms") {
             phases.push((key.to_string(), value.parse().ok()?));
         }
@@ -55,6 +69,7 @@ pub fn parse_start_split(line: &str) -> Option<StartSplit> {
     Some(StartSplit {
         sandbox: sandbox?,
         phases,
+        start,
     })
 }
 
@@ -91,16 +106,24 @@ mod tests {
     fn split_lines_are_parsed_raw_and_quoted() {
         let raw =
             "rund-start-split sandbox=abc cgroup_ms=0.4 rootfs_ms=1.5 vm_ms=20 agent_ms=900.25 \
-                   container_ms=12 total_ms=934.15";
+                   container_ms=12 total_ms=934.15 answer_ms=800 restore_ms=0.0 start=cold";
         let s = parse_start_split(raw).unwrap();
         assert_eq!(s.sandbox, "abc");
-        assert_eq!(s.phases.len(), 6);
+        assert_eq!(s.phases.len(), 8);
+        assert_eq!(s.start.as_deref(), Some("cold"));
+        assert!(!s.from_template());
         assert_eq!(s.phase("agent_ms"), Some(900.25));
         assert_eq!(s.phase("disk_ms"), None);
         let quoted = "time=\"2026-11-23T03:48:47Z\" level=info msg=\"rund-start-split sandbox=abc \
                       cgroup_ms=0.4 total_ms=3.5\"";
         let q = parse_start_split(quoted).unwrap();
         assert_eq!(q.phase("total_ms"), Some(3.5));
+        assert_eq!(q.start, None);
+        let run_on = parse_start_split(
+            "rund-start-split sandbox=a vm_ms=1 start=templatetime=\"2026-12-02T01:50:59Z\"",
+        )
+        .unwrap();
+        assert!(run_on.from_template());
         assert_eq!(parse_start_split("no split here"), None);
         assert_eq!(parse_start_split("rund-start-split cgroup_ms=1"), None);
         assert_eq!(

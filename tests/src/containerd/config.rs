@@ -147,8 +147,10 @@ pub struct RundConfig {
     pub writable_layer_dir: PathBuf,
     /// Per-sandbox state (`<run_dir>/<sandbox-id>/`).
     pub run_dir: PathBuf,
-    /// Long-lived state (templates).
+    /// Long-lived state.
     pub lib_dir: PathBuf,
+    /// The template store.
+    pub template_dir: PathBuf,
     /// rund's parent cgroup, private to this harness.
     pub cgroup_parent: String,
 }
@@ -160,12 +162,14 @@ impl RundConfig {
              [guest]\nkernel = {}\ninitramfs = {}\n\
              [writable_layer]\ndir = {}\n\
              [paths]\nrun_dir = {}\nlib_dir = {}\n\
+             [template]\ndir = {}\n\
              [cgroup_pool]\nparent = {}\n",
             toml_path(&self.kernel),
             toml_path(&self.initramfs),
             toml_path(&self.writable_layer_dir),
             toml_path(&self.run_dir),
             toml_path(&self.lib_dir),
+            toml_path(&self.template_dir),
             toml_string(&self.cgroup_parent),
         )
     }
@@ -220,6 +224,7 @@ mod tests {
             writable_layer_dir: "/d/rw".into(),
             run_dir: "/d/run".into(),
             lib_dir: "/d/lib".into(),
+            template_dir: "/d/templates".into(),
             cgroup_parent: "rund-e2e".into(),
         };
         // The shim's own parser reads it back: the keys and their types are the shim's.
@@ -230,6 +235,7 @@ mod tests {
         assert_eq!(parsed.writable_layer.dir, c.writable_layer_dir);
         assert_eq!(parsed.paths.run_dir, c.run_dir);
         assert_eq!(parsed.paths.lib_dir, c.lib_dir);
+        assert_eq!(parsed.template.dir, c.template_dir);
         assert_eq!(parsed.cgroup_pool.parent, "rund-e2e");
     }
 }

@@ -110,15 +110,21 @@ pub fn kill_process(pid: i32) -> io::Result<()> {
     }
 }
 
-/// A process's resident and proportional set sizes, and the part of each that is a VMM's guest
-/// RAM: rund's VMM maps guest RAM `MADV_DONTDUMP` (`dd` in smaps' VmFlags), anonymous for a cold
-/// boot and a snapshot's memory file for a restore; no other such mapping of a shim has the flag.
+/// A process's resident, proportional and unique set sizes, and the part of each that is a VMM's
+/// guest RAM: rund's VMM maps guest RAM `MADV_DONTDUMP` (`dd` in smaps' VmFlags), anonymous for a
+/// cold boot and a snapshot's memory file for a restore; no other such mapping of a shim has the
+/// flag. Of guest RAM mapped from a template's file: what is resident, and what the guest wrote
+/// (its private copies, smaps' `Anonymous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessMemory {
     pub rss_kib: u64,
     pub pss_kib: u64,
+    pub uss_kib: u64,
     pub guest_ram_rss_kib: u64,
     pub guest_ram_pss_kib: u64,
+    pub guest_ram_uss_kib: u64,
+    pub template_rss_kib: u64,
+    pub template_copied_kib: u64,
 }
 
 impl ProcessMemory {
@@ -128,11 +134,18 @@ impl ProcessMemory {
         for map in maps {
             let kib = |key: &str| map.extension.map.get(key).copied().unwrap_or(0) / 1024;
             let (rss, pss) = (kib("Rss"), kib("Pss"));
+            let uss = kib("Private_Clean") + kib("Private_Dirty");
             m.rss_kib += rss;
             m.pss_kib += pss;
+            m.uss_kib += uss;
             if vmm::memory::is_guest_ram(map) {
                 m.guest_ram_rss_kib += rss;
                 m.guest_ram_pss_kib += pss;
+                m.guest_ram_uss_kib += uss;
+                if matches!(map.pathname, procfs::process::MMapPath::Path(_)) {
+                    m.template_rss_kib += rss;
+                    m.template_copied_kib += kib("Anonymous");
+                }
             }
         }
         m
@@ -187,7 +200,8 @@ mod tests {
                      7f60-7f70 r--p 00000000 00:00 0 [vvar]\nRss: 2 kB\nPss: 2 kB\n\
                      VmFlags: rd mr pf io de dd\n\
                      7f80-7f90 rw-p 00000000 00:2a 7 /run/rund/templates/k/memory\n\
-                     Rss: 16 kB\nPss: 4 kB\nVmFlags: rd wr mr mw me ac dd\n";
+                     Rss: 16 kB\nPss: 4 kB\nShared_Clean: 12 kB\nPrivate_Dirty: 4 kB\n\
+                     Anonymous: 4 kB\nVmFlags: rd wr mr mw me ac dd\n";
         let maps = MemoryMaps::from_buf_read(smaps.as_bytes()).unwrap();
         let m = ProcessMemory::from_maps(&maps);
         assert_eq!(
@@ -195,8 +209,12 @@ mod tests {
             ProcessMemory {
                 rss_kib: 78,
                 pss_kib: 58,
+                uss_kib: 4,
                 guest_ram_rss_kib: 64,
-                guest_ram_pss_kib: 44
+                guest_ram_pss_kib: 44,
+                guest_ram_uss_kib: 4,
+                template_rss_kib: 16,
+                template_copied_kib: 4,
             }
         );
         assert_eq!(m.own_pss_kib(), 14);

@@ -120,6 +120,7 @@ fn read_rund_config() -> Result<RundConfig, ContainerdError> {
         writable_layer_dir: config.writable_layer.dir,
         run_dir: config.paths.run_dir,
         lib_dir: config.paths.lib_dir,
+        template_dir: config.template.dir,
         cgroup_parent: config.cgroup_pool.parent,
     })
 }
