@@ -453,9 +453,19 @@ impl Sandbox {
             TemplateMode::Auto => {
                 let c = config.clone();
                 blocking(move || {
-                    template::store(&c)?
-                        .find(&template::inputs(&c, size)?)
-                        .map_err(|e| SandboxError::Template(error_chain(&e)))
+                    let inputs = template::inputs(&c, size)?;
+                    let found = template::store(&c)?
+                        .find(&inputs)
+                        .map_err(|e| SandboxError::Template(error_chain(&e)))?;
+                    if found.is_none() {
+                        info!(
+                            "no template {} ({} vCPUs, {} MiB) yet: a cold boot",
+                            inputs.key(),
+                            size.vcpus,
+                            size.memory_mib
+                        );
+                    }
+                    Ok(found)
                 })
                 .await?
             }
