@@ -147,6 +147,12 @@ impl HostCgroup {
         self.cgroup.paths()
     }
 
+    /// The cgroup directories this process lived in before the sandbox's (containerd's): where
+    /// work of the node's rather than the sandbox's goes (a template maker).
+    pub fn home_dirs(&self) -> &[PathBuf] {
+        &self.home.dirs
+    }
+
     /// Tops the pool up again, off the start path.
     pub fn refill(&self) {
         if let Err(e) = self.pool.refill_now() {

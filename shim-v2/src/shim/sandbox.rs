@@ -541,7 +541,12 @@ impl Sandbox {
         );
         if config.template.mode == TemplateMode::Auto && !split.from_template {
             // The next sandbox of this shape restores it; this one does not wait for it.
-            if let Err(e) = template::make_detached(config, size) {
+            let home: Vec<PathBuf> = held
+                .cgroup
+                .as_ref()
+                .map(|c| c.home_dirs().to_vec())
+                .unwrap_or_default();
+            if let Err(e) = template::make_detached(config, size, &home) {
                 warn!("cannot start making the template of this shape: {e}");
             }
         }

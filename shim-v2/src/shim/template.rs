@@ -7,8 +7,10 @@
 //! it at boot, the partition table's page, which a sandbox's copy then holds too) and empty
 //! shares, which the guest has not mounted when the snapshot is taken.
 
+use std::ffi::CString;
 use std::io::Read;
-use std::path::Path;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -175,8 +177,14 @@ fn open_maker_log(store: &TemplateStore) -> std::io::Result<(std::fs::File, std:
 /// does would be lost. `rund` is the one installed beside this shim; its output goes to
 /// `maker.log` in the store, which a pipe to a shim that exited could not take. Shims that start
 /// one each for the same shape at once make the template once: the others find it being made
-/// and exit.
-pub fn make_detached(config: &Config, size: VmSize) -> Result<(), SandboxError> {
+/// and exit. The maker starts in `cgroups` (the shim's own before it joined the sandbox's): a
+/// template is the node's, and a maker left in the sandbox's cgroup would be charged to it and
+/// keep it busy after the sandbox ended.
+pub fn make_detached(
+    config: &Config,
+    size: VmSize,
+    cgroups: &[PathBuf],
+) -> Result<(), SandboxError> {
     use std::os::unix::process::CommandExt;
     let io = |what: &str, e: std::io::Error| SandboxError::Template(format!("{what}: {e}"));
     let rund = std::env::current_exe()
@@ -198,11 +206,30 @@ pub fn make_detached(config: &Config, size: VmSize) -> Result<(), SandboxError> 
                 .map_err(|e| io("the template makers' log", e))?,
         )
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    let procs: Vec<CString> = cgroups
+        .iter()
+        .map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| SandboxError::Template(format!("a cgroup path: {e}")))?;
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, open, write, close) on
+    // memory made before the fork; the child touches nothing of the parent's state.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for path in &procs {
+                // "0": the writer itself.
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
             }
             Ok(())
         });
