@@ -210,14 +210,8 @@ async fn run_pod_sandbox(cd: &Containerd, args: &Args) -> Result<Samples, String
 /// Kills and removes the `ctr run -d` containers `ids`, saying what failed.
 fn remove_all(cd: &Containerd, side: Side, ids: &[String]) {
     for id in ids {
-        for args in [
-            vec!["task", "kill", "-s", "SIGKILL", id],
-            vec!["task", "delete", "-f", id],
-            vec!["container", "delete", id],
-        ] {
-            if let Err(e) = cd.ctr_ok(&args) {
-                eprintln!("{side}: cleanup: {e}");
-            }
+        if let Err(e) = cd.remove_container(id) {
+            eprintln!("{side}: cleanup: {e}");
         }
     }
 }

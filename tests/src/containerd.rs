@@ -996,6 +996,24 @@ impl Containerd {
         cmd
     }
 
+    /// Kills and removes container `id` of [`CTR_NAMESPACE`] (one `ctr run -d` started): every
+    /// step is tried; the first failure is returned.
+    pub fn remove_container(&self, id: &str) -> Result<(), ContainerdError> {
+        let mut first = Ok(());
+        for args in [
+            ["task", "kill", "-s", "SIGKILL", id].as_slice(),
+            &["task", "delete", "-f", id],
+            &["container", "delete", id],
+        ] {
+            if let Err(e) = self.ctr_ok(args) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
     /// Runs `ctr --address <socket> ARGS...` (stdin /dev/null, [`COMMAND_TIMEOUT`]).
     pub fn ctr(&self, args: &[&str]) -> Result<CommandOutput, ContainerdError> {
         self.ctr_timeout(args, COMMAND_TIMEOUT)

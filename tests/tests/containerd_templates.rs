@@ -321,13 +321,8 @@ fn node_allowed(test: &str) -> bool {
 
 /// Kills and removes a container started with `ctr run -d`.
 fn remove_running(cd: &Containerd, id: &str) {
-    for args in [
-        vec!["task", "kill", "-s", "SIGKILL", id],
-        vec!["task", "delete", "-f", id],
-        vec!["container", "delete", id],
-    ] {
-        cd.ctr_ok(&args).unwrap_or_else(|e| panic!("{id}: {e}"));
-    }
+    cd.remove_container(id)
+        .unwrap_or_else(|e| panic!("{id}: {e}"));
 }
 
 /// Points rund's configuration's `key` (`kernel`, `initramfs`) at a copy of its file: the same
@@ -551,7 +546,12 @@ fn shims_needing_a_missing_template_at_once_make_it_once() {
     let Some(cd) = start(test) else {
         return;
     };
-    let maker_log = Path::new(&shim_v2::config::Config::default().template.dir).join("maker.log");
+    let maker_log = cd
+        .rund()
+        .expect("rund's setup")
+        .config
+        .template_dir
+        .join("maker.log");
     let _ = std::fs::remove_file(&maker_log);
 
     // `require`: ten shims wait for one maker, then all restore.
