@@ -41,6 +41,8 @@ struct PodOutcome {
     running: (ContainerState, String),
     /// Shims serving the pod (one per pod, whatever the number of containers).
     shims: usize,
+    /// The pod's sandbox task as `ctr task ls` shows it while the pod runs.
+    sandbox_task: String,
     /// The second container, which exits by itself: state, exit code, stdout and stderr lines
     /// of its CRI log (the IPC namespace line left out).
     exited: (ContainerState, i32, Vec<String>, Vec<String>),
@@ -132,6 +134,7 @@ async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutco
     let shims = cd.shim_servers().expect("shims");
     eprintln!("{rt}: shims {shims:?}");
     let shims = shims.len();
+    let sandbox_task = sandbox_task(cd, rt, &pod_id);
 
     let status = cri
         .wait_exited(oneshot_id, COMMAND_TIMEOUT)
@@ -179,11 +182,40 @@ async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutco
         ),
         running,
         shims,
+        sandbox_task,
         exited,
         same_ipc,
         stopped,
         listed_after,
     }
+}
+
+/// The status `ctr task ls` gives the pod's sandbox task; and its processes, as `ctr task ps`
+/// lists them, checked: runc's pause process among them, and none under rund, whose microVM
+/// stands for the sandbox (nothing joins a pause process's namespaces there).
+fn sandbox_task(cd: &Containerd, rt: Runtime, pod_id: &str) -> String {
+    let ns = ["-n", CRI_NAMESPACE];
+    let tasks = cd
+        .ctr_ok(&[&ns[..], &["task", "ls"]].concat())
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    let status = tasks
+        .lines()
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words.first() == Some(&pod_id)).then(|| words.last().unwrap_or(&"").to_string())
+        })
+        .unwrap_or_else(|| panic!("{rt}: no task {pod_id} in `ctr task ls`:\n{tasks}"));
+    let ps = cd
+        .ctr_ok(&[&ns[..], &["task", "ps", pod_id]].concat())
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    let processes = ps.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
+    // runc's lists the pause process and whatever else is in the pod's cgroup.
+    let expected = match rt {
+        Runtime::Runc => processes > 0,
+        Runtime::Rund => processes == 0,
+    };
+    assert!(expected, "{rt}: the pod's sandbox task's processes:\n{ps}");
+    status
 }
 
 /// Connects to `cd`'s CRI plugin and runs `flow` once per runtime under test (runc first),
@@ -220,6 +252,7 @@ async fn pod_with_two_containers_as_crictl_drives_it() {
             exec: ("out\n".into(), "err\n".into(), 3),
             running: (ContainerState::ContainerRunning, "server".into()),
             shims: 1,
+            sandbox_task: "RUNNING".into(),
             exited: (
                 ContainerState::ContainerExited,
                 7,

@@ -84,21 +84,29 @@ impl Process {
 
     /// Records the end (once: a later call keeps the first status) and wakes the waiters.
     pub fn set_exited(&self, exit_status: u32) -> Timestamp {
+        match self.end(exit_status) {
+            Ok(at) | Err(at) => at,
+        }
+    }
+
+    /// Records the end and wakes the waiters: `Ok` with its time for the call that recorded
+    /// it, `Err` with the time recorded before for any later one.
+    pub fn end(&self, exit_status: u32) -> Result<Timestamp, Timestamp> {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let at = match &*s {
-            ProcessStatus::Stopped { exited_at, .. } => exited_at.clone(),
+        let ended = match &*s {
+            ProcessStatus::Stopped { exited_at, .. } => Err(exited_at.clone()),
             _ => {
                 let at = now();
                 *s = ProcessStatus::Stopped {
                     exit_status,
                     exited_at: at.clone(),
                 };
-                at
+                Ok(at)
             }
         };
         drop(s);
         self.exited.send_replace(true);
-        at
+        ended
     }
 
     /// The exit status and time, waiting for them.
@@ -202,6 +210,20 @@ mod tests {
         assert_eq!(r.event(0), [Oom]);
         assert_eq!(r.event(0), [Oom]);
         assert_eq!(r.exit(0), [Exit]);
+    }
+
+    #[test]
+    fn only_the_first_end_is_reported_as_recorded() {
+        let p = Process::new("c1", "", StdioPaths::default(), Vec::new());
+        let first = p.end(137).expect("the first end is recorded");
+        assert_eq!(p.end(0), Err(first.clone()));
+        assert_eq!(
+            p.status(),
+            ProcessStatus::Stopped {
+                exit_status: 137,
+                exited_at: first
+            }
+        );
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
@@ -107,6 +108,10 @@ struct Container {
     /// Whether deleting this container ends the sandbox (a pod's sandbox container, or a plain
     /// `ctr run` container, which is a sandbox of its own).
     owns_sandbox: bool,
+    /// Whether its processes run in the guest: all but a CRI pod's sandbox container. Its
+    /// pause process would hold namespaces that nothing joins (the pod's containers share the
+    /// VM's), so the microVM itself stands for it: it runs while the VM does.
+    in_guest: bool,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: std::sync::atomic::AtomicBool,
@@ -172,6 +177,21 @@ impl TaskService {
             .get(id)
             .cloned()
             .ok_or_else(|| not_found(format!("container {id}")))
+    }
+
+    /// Container `id`, refused for `op` if it has no processes in the guest.
+    fn guest_container(&self, id: &str, op: &str) -> TtrpcResult<Arc<Container>> {
+        let container = self.container(id)?;
+        if !container.in_guest {
+            return Err(rpc_error(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "{op}: {id} is the pod's sandbox, which the microVM stands for: it has no \
+                     process of its own (its containers do)"
+                ),
+            ));
+        }
+        Ok(container)
     }
 
     fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
@@ -242,21 +262,7 @@ impl TaskService {
                     }
                     Publish::Exit => {
                         let exited_at = process.set_exited(status);
-                        let event = TaskExit {
-                            container_id: process.container_id.clone(),
-                            id: process.event_id().to_owned(),
-                            pid: std::process::id(),
-                            exit_status: status,
-                            exited_at: MessageField::some(exited_at),
-                            ..Default::default()
-                        };
-                        publish(
-                            &publisher,
-                            &namespace,
-                            topics::TASK_EXIT_EVENT_TOPIC,
-                            Box::new(event),
-                        )
-                        .await;
+                        publish_exit(&publisher, &namespace, &process, status, exited_at).await;
                     }
                 }
             }
@@ -295,6 +301,20 @@ impl TaskService {
                     }
                     Err(e) => {
                         debug!("OOM events end: {e}");
+                        // The agent is gone (the VM stopped, or its connection broke), not one
+                        // of its answers: so is the sandbox that the VM stands for.
+                        if !matches!(e, ::ttrpc::Error::RpcStatus(_)) {
+                            let sandbox = pod
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .containers
+                                .values()
+                                .find(|c| !c.in_guest)
+                                .cloned();
+                            if let Some(c) = sandbox {
+                                end_pod_sandbox(&publisher, &namespace, &c, LOST_STATUS).await;
+                            }
+                        }
                         return;
                     }
                 }
@@ -316,6 +336,7 @@ impl TaskService {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let kind = annotations.get(CONTAINER_TYPE).map(String::as_str);
         let joins = kind == Some("container");
+        let pod_sandbox = kind == Some("sandbox");
         let rootfs: Vec<RootfsMount> = req
             .rootfs
             .iter()
@@ -358,10 +379,9 @@ impl TaskService {
                     format!("this shim already serves sandbox {}", s.id),
                 ));
             }
-            let (sandbox, split) =
-                Sandbox::start(self.config.clone(), &req.id, &spec, kind == Some("sandbox"))
-                    .await
-                    .map_err(|e| sandbox_error(format!("sandbox {}", req.id), e))?;
+            let (sandbox, split) = Sandbox::start(self.config.clone(), &req.id, &spec, pod_sandbox)
+                .await
+                .map_err(|e| sandbox_error(format!("sandbox {}", req.id), e))?;
             let sandbox = Arc::new(sandbox);
             self.pod().sandbox = Some(sandbox.clone());
             self.forward_oom_events(sandbox.agent());
@@ -369,10 +389,14 @@ impl TaskService {
         };
 
         let container_start = Instant::now();
-        let created = sandbox
-            .create_container(&req.id, &spec, rootfs, req.terminal)
-            .await
-            .map_err(|e| sandbox_error(format!("container {}", req.id), e));
+        let created = if pod_sandbox {
+            Ok(())
+        } else {
+            sandbox
+                .create_container(&req.id, &spec, rootfs, req.terminal)
+                .await
+                .map_err(|e| sandbox_error(format!("container {}", req.id), e))
+        };
         if let Err(e) = created {
             if !joins {
                 self.pod().sandbox = None;
@@ -391,6 +415,7 @@ impl TaskService {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             owns_sandbox: !joins,
+            in_guest: !pod_sandbox,
             init,
             execs: Mutex::default(),
             paused: Default::default(),
@@ -410,7 +435,7 @@ impl TaskService {
 impl TaskService {
     /// Freezes (or thaws) a container's processes in the guest, and says so to containerd.
     async fn set_paused(&self, id: &str, pause: bool) -> TtrpcResult<Empty> {
-        let container = self.container(id)?;
+        let container = self.guest_container(id, if pause { "pause" } else { "resume" })?;
         let mut r = ContainerRequest::new();
         r.container_id = id.to_owned();
         let agent = self.agent()?;
@@ -455,6 +480,55 @@ async fn publish(
         .await
     {
         warn!("publishing {topic}: {e}");
+    }
+}
+
+async fn publish_exit(
+    publisher: &RemotePublisher,
+    namespace: &str,
+    process: &Process,
+    exit_status: u32,
+    exited_at: Timestamp,
+) {
+    let event = TaskExit {
+        container_id: process.container_id.clone(),
+        id: process.event_id().to_owned(),
+        pid: std::process::id(),
+        exit_status,
+        exited_at: MessageField::some(exited_at),
+        ..Default::default()
+    };
+    publish(
+        publisher,
+        namespace,
+        topics::TASK_EXIT_EVENT_TOPIC,
+        Box::new(event),
+    )
+    .await;
+}
+
+/// Ends a pod's sandbox container (the microVM stands for it) with `exit_status` and says so,
+/// unless it had ended already.
+async fn end_pod_sandbox(
+    publisher: &RemotePublisher,
+    namespace: &str,
+    container: &Container,
+    exit_status: u32,
+) {
+    if let Ok(at) = container.init.end(exit_status) {
+        info!("pod sandbox {} ended ({exit_status})", container.id);
+        publish_exit(publisher, namespace, &container.init, exit_status, at).await;
+    }
+}
+
+/// What a signal does to a pod's sandbox container, as it would to the pause process it stands
+/// for (pid 1 of its namespace): SIGKILL ends it (137), SIGINT and SIGTERM make it exit 0, any
+/// other signal is ignored.
+fn pod_sandbox_exit_on(signal: u32) -> Option<u32> {
+    match signal as libc::c_int {
+        libc::SIGKILL => Some(128 + libc::SIGKILL as u32),
+        libc::SIGINT | libc::SIGTERM => Some(0),
+        _ => None,
     }
 }
 
@@ -513,11 +587,13 @@ impl Task for TaskService {
         }
         self.create_inner(&req).await?;
         let container = self.container(&req.id)?;
-        // Output is copied from creation on, as runc's shim does: nothing written before the
-        // start is lost.
-        let agent = self.agent()?;
-        let pumps = StdioPumps::start(agent, &req.id, "", &container.init.stdio);
-        self.watch_exit(&container, container.init.clone(), pumps);
+        if container.in_guest {
+            // Output is copied from creation on, as runc's shim does: nothing written before
+            // the start is lost.
+            let agent = self.agent()?;
+            let pumps = StdioPumps::start(agent, &req.id, "", &container.init.stdio);
+            self.watch_exit(&container, container.init.clone(), pumps);
+        }
         let event = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -553,12 +629,14 @@ impl Task for TaskService {
         let agent = self.agent()?;
         let pid = std::process::id();
         if req.exec_id.is_empty() {
-            let mut r = ContainerRequest::new();
-            r.container_id = req.id.clone();
-            agent
-                .start_container(agent_ctx(), &r)
-                .await
-                .map_err(|e| self.agent_failure("StartContainer", e))?;
+            if container.in_guest {
+                let mut r = ContainerRequest::new();
+                r.container_id = req.id.clone();
+                agent
+                    .start_container(agent_ctx(), &r)
+                    .await
+                    .map_err(|e| self.agent_failure("StartContainer", e))?;
+            }
             process.set_running();
             let event = TaskStart {
                 container_id: req.id.clone(),
@@ -626,11 +704,13 @@ impl Task for TaskService {
             });
         }
         let sandbox = self.sandbox()?;
-        let mut r = RemoveContainerRequest::new();
-        r.container_id = req.id.clone();
-        r.force = true;
-        if let Err(e) = sandbox.agent().remove_container(agent_ctx(), &r).await {
-            warn!("removing container {} in the guest: {e}", req.id);
+        if container.in_guest {
+            let mut r = RemoveContainerRequest::new();
+            r.container_id = req.id.clone();
+            r.force = true;
+            if let Err(e) = sandbox.agent().remove_container(agent_ctx(), &r).await {
+                warn!("removing container {} in the guest: {e}", req.id);
+            }
         }
         // The sandbox's owner keeps its shares until the VM has stopped (below): the VMM
         // holds files in them open until then.
@@ -673,7 +753,9 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let _ = self.container(&req.id)?;
+        if !self.container(&req.id)?.in_guest {
+            return Ok(PidsResponse::default());
+        }
         let mut r = ContainerRequest::new();
         r.container_id = req.id.clone();
         let list = self
@@ -712,6 +794,12 @@ impl Task for TaskService {
                 process.event_id()
             )));
         }
+        if !container.in_guest {
+            if let Some(status) = pod_sandbox_exit_on(req.signal) {
+                end_pod_sandbox(&self.publisher, &self.namespace, &container, status).await;
+            }
+            return Ok(Empty::new());
+        }
         let mut r = SignalProcessRequest::new();
         r.container_id = req.id.clone();
         r.exec_id = req.exec_id.clone();
@@ -728,7 +816,7 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        let container = self.container(&req.id)?;
+        let container = self.guest_container(&req.id, "exec")?;
         if container.init.is_stopped() {
             return Err(rpc_error(
                 ttrpc::Code::FAILED_PRECONDITION,
@@ -774,7 +862,7 @@ impl Task for TaskService {
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let container = self.container(&req.id)?;
+        let container = self.guest_container(&req.id, "resize pty")?;
         let _ = container.process(&req.exec_id)?;
         let mut r = TtyWinResizeRequest::new();
         r.container_id = req.id.clone();
@@ -798,7 +886,7 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let _ = self.container(&req.id)?;
+        let _ = self.guest_container(&req.id, "update")?;
         let resources = req
             .resources
             .as_ref()
@@ -824,7 +912,7 @@ impl Task for TaskService {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let _ = self.container(&req.id)?;
+        let _ = self.guest_container(&req.id, "stats")?;
         let mut r = ContainerRequest::new();
         r.container_id = req.id.clone();
         let s = self
@@ -957,6 +1045,27 @@ mod tests {
             "{message}"
         );
         assert!(message.ends_with("the microVM runs; the guest console ends with:\nlast line"));
+    }
+
+    #[test]
+    fn a_pod_sandbox_takes_signals_as_its_pause_process_would() {
+        assert_eq!(pod_sandbox_exit_on(libc::SIGKILL as u32), Some(137));
+        assert_eq!(pod_sandbox_exit_on(libc::SIGTERM as u32), Some(0));
+        assert_eq!(pod_sandbox_exit_on(libc::SIGINT as u32), Some(0));
+        for ignored in [
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGCHLD,
+            libc::SIGWINCH,
+            0,
+            4096,
+        ] {
+            assert_eq!(
+                pod_sandbox_exit_on(ignored as u32),
+                None,
+                "signal {ignored}"
+            );
+        }
     }
 
     #[test]
