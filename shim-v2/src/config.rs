@@ -147,13 +147,30 @@ pub struct TemplateConfig {
     pub mode: TemplateMode,
     /// Where templates live (tmpfs: they hold guest memory and are remade after a reboot).
     pub dir: PathBuf,
+    /// Shapes whose templates are kept ready besides those sandboxes ask for: a sandbox start
+    /// (unless `mode` is `off`) starts a maker for each one missing, off its path, and
+    /// `rund template create --keep-ready` makes them all (after a reboot, say).
+    pub keep_ready: Vec<TemplateShape>,
 }
+
+/// A sandbox's shape, as a template is made for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateShape {
+    pub vcpus: u32,
+    /// The whole guest's memory (as `rund template create --memory-mib`: overhead included).
+    pub memory_mib: u32,
+}
+
+/// At most this many shapes are kept ready: each template holds guest memory on tmpfs.
+pub const MAX_KEEP_READY: usize = 16;
 
 impl Default for TemplateConfig {
     fn default() -> Self {
         TemplateConfig {
             mode: TemplateMode::default(),
             dir: PathBuf::from(templates::store::DEFAULT_ROOT),
+            keep_ready: Vec::new(),
         }
     }
 }
@@ -290,6 +307,36 @@ impl Config {
                 "ext4 needs at least 16 MiB",
             ));
         }
+        let shapes = &self.template.keep_ready;
+        if shapes.len() > MAX_KEEP_READY {
+            return Err(invalid(
+                "template.keep_ready",
+                format!("{} shapes", shapes.len()),
+                "at most 16 shapes",
+            ));
+        }
+        for shape in shapes {
+            let value = || {
+                format!(
+                    "{{ vcpus = {}, memory_mib = {} }}",
+                    shape.vcpus, shape.memory_mib
+                )
+            };
+            if shape.vcpus == 0 || shape.vcpus > g.max_vcpus {
+                return Err(invalid(
+                    "template.keep_ready",
+                    value(),
+                    "vcpus must be between 1 and guest.max_vcpus",
+                ));
+            }
+            if shape.memory_mib < MIN_MEMORY_MIB {
+                return Err(invalid(
+                    "template.keep_ready",
+                    value(),
+                    "memory_mib is below the 64 MiB a guest needs",
+                ));
+            }
+        }
         let pool = &self.cgroup_pool;
         if pool.low_watermark > pool.high_watermark {
             return Err(invalid(
@@ -388,6 +435,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sometimes") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn shapes_to_keep_ready_parse_and_bad_ones_are_named() {
+        let c = parse(
+            "[template]\nkeep_ready = [{ vcpus = 1, memory_mib = 320 }, \
+             { vcpus = 2, memory_mib = 576 }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.template.keep_ready,
+            [
+                TemplateShape {
+                    vcpus: 1,
+                    memory_mib: 320
+                },
+                TemplateShape {
+                    vcpus: 2,
+                    memory_mib: 576
+                }
+            ]
+        );
+        assert!(Config::default().template.keep_ready.is_empty());
+        for (text, message) in [
+            (
+                "[{ vcpus = 0, memory_mib = 320 }]",
+                "template.keep_ready = { vcpus = 0, memory_mib = 320 }: vcpus must be between 1 \
+                 and guest.max_vcpus",
+            ),
+            (
+                "[{ vcpus = 1, memory_mib = 32 }]",
+                "template.keep_ready = { vcpus = 1, memory_mib = 32 }: memory_mib is below the \
+                 64 MiB a guest needs",
+            ),
+        ] {
+            let e = parse(&format!("[template]\nkeep_ready = {text}\n")).unwrap_err();
+            assert_eq!(e.to_string(), format!("config.toml: {message}"));
+        }
+        let many = vec!["{ vcpus = 1, memory_mib = 128 }"; 17].join(", ");
+        let e = parse(&format!("[template]\nkeep_ready = [{many}]\n")).unwrap_err();
+        assert!(
+            e.to_string().ends_with("17 shapes: at most 16 shapes"),
+            "{e}"
+        );
+        let e = parse("[template]\nkeep_ready = [{ vcpus = 1 }]\n").unwrap_err();
+        assert!(e.to_string().contains("memory_mib"), "{e}");
     }
 
     #[test]

@@ -389,6 +389,14 @@ fn start_split(cd: &Containerd) -> Result<(), String> {
                 figure(format!("rund-start-{kind}-{phase}-p50"), v, "ms");
             }
         }
+        let mut tries: Vec<f64> = of_kind
+            .iter()
+            .filter_map(|s| s.answer_tries.map(f64::from))
+            .collect();
+        if let Some(v) = p50(&mut tries) {
+            let most = tries.last().copied().unwrap_or(v);
+            println!("    answer_tries  p50 {v:9.0}      max {most:.0}");
+        }
         let mut guest: Vec<f64> = of_kind
             .iter()
             .filter_map(|s| Some(s.phase("vm_ms")? + s.phase("answer_ms")?))

@@ -896,6 +896,28 @@ impl Containerd {
     /// Sets `[template] mode` in rund's configuration file, as an operator edits it (the shim
     /// reads it at each sandbox start); the file as it was comes back when the harness ends.
     pub fn set_template_mode(&self, mode: &str) -> Result<(), ContainerdError> {
+        self.edit_template(|t| t["mode"] = toml_edit::value(mode))
+    }
+
+    /// Sets rund's `[template] keep_ready` to `shapes` (vCPUs, MiB), restored as
+    /// [`Self::set_template_mode`]'s edit is.
+    pub fn set_template_keep_ready(&self, shapes: &[(u32, u32)]) -> Result<(), ContainerdError> {
+        let mut list = toml_edit::Array::new();
+        for &(vcpus, memory_mib) in shapes {
+            let mut shape = toml_edit::InlineTable::new();
+            shape.insert("vcpus", i64::from(vcpus).into());
+            shape.insert("memory_mib", i64::from(memory_mib).into());
+            list.push(shape);
+        }
+        self.edit_template(|t| t["keep_ready"] = toml_edit::value(list))
+    }
+
+    /// Edits the `[template]` table of rund's configuration, keeping the text it had before the
+    /// first edit for the drop to put back.
+    fn edit_template(
+        &self,
+        edit: impl FnOnce(&mut toml_edit::Item),
+    ) -> Result<(), ContainerdError> {
         let rund = self
             .rund
             .as_ref()
@@ -909,7 +931,7 @@ impl Containerd {
                     what: format!("parsing {}", path.display()),
                     source: std::io::Error::other(e.to_string()),
                 })?;
-        doc["template"]["mode"] = toml_edit::value(mode);
+        edit(&mut doc["template"]);
         {
             let mut saved = self
                 .rund_config_saved

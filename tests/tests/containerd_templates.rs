@@ -495,6 +495,69 @@ fn a_template_removed_while_in_use_keeps_its_sandboxes_and_is_made_again() {
         .unwrap_or_else(|e| panic!("{test}: {e}"));
 }
 
+#[test]
+fn shapes_kept_ready_are_made_by_a_start_and_by_rund() {
+    let test = "shapes_kept_ready_are_made_by_a_start_and_by_rund";
+    let Some(cd) = start(test) else {
+        return;
+    };
+    // Another shape than the default pod's (rund's own figures: 1 vCPU, 256 + 64 MiB).
+    const KEPT: (u64, u64) = (2, 192);
+    let shapes = |rows: &[TemplateRow]| {
+        let mut s: Vec<(u64, u64)> = rows.iter().map(|r| (r.vcpus, r.memory_mib)).collect();
+        s.sort();
+        s
+    };
+    rund_ok(&cd, &["template", "remove", "all"]);
+    cd.set_template_keep_ready(&[(KEPT.0 as u32, KEPT.1 as u32)])
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    // A cold start makes its own shape's template and the kept one's, off its path.
+    let id = cd.unique_id("keep", Runtime::Rund);
+    let (ok, out, err) = ctr_run(&cd, &id, &["echo", "kept"]);
+    assert!(ok && out.contains("kept"), "{test}: {out} {err}");
+    assert!(!split_of(&cd, &id).from_template(), "{test}");
+    assert!(cd.wait_for_template_makers(MAKER_TIMEOUT), "{test}: maker");
+    let rows = templates(&cd);
+    assert_eq!(rows.len(), 2, "{test}: {rows:?}");
+    assert!(shapes(&rows).contains(&KEPT), "{test}: {rows:?}");
+    assert!(rows.iter().all(|r| r.current), "{test}: {rows:?}");
+    // A restore that finds the kept one there starts no maker.
+    let log = std::fs::read_to_string(cd.log_path()).unwrap_or_default();
+    let makers = log.matches("in the background (pid").count();
+    let again = cd.unique_id("keep2", Runtime::Rund);
+    let (ok, out, err) = ctr_run(&cd, &again, &["echo", "again"]);
+    assert!(ok && out.contains("again"), "{test}: {out} {err}");
+    assert!(split_of(&cd, &again).from_template(), "{test}");
+    let log = std::fs::read_to_string(cd.log_path()).unwrap_or_default();
+    assert_eq!(
+        log.matches("in the background (pid").count(),
+        makers,
+        "{test}: a maker started with every template there"
+    );
+    // After a reboot (here: all removed), the operator's command makes the kept shapes alone.
+    rund_ok(&cd, &["template", "remove", "all"]);
+    let made = rund_ok(&cd, &["template", "create", "--keep-ready"]);
+    assert_eq!(made.lines().count(), 1, "{test}: {made}");
+    assert_eq!(shapes(&templates(&cd)), [KEPT], "{test}");
+    // A bad shape is refused by name before anything is made.
+    cd.set_template_keep_ready(&[(0, 192)])
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    let out = cd
+        .rund_admin(&["template", "create", "--keep-ready"])
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert!(!out.success(), "{test}: {}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("template.keep_ready = { vcpus = 0, memory_mib = 192 }: vcpus must be"),
+        "{test}: {}",
+        out.stderr
+    );
+    cd.set_template_keep_ready(&[])
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+    cd.wait_until_clean(CTR_NAMESPACE)
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
+}
+
 /// `ctr run -d` of rund with `sleep 1000`; [`remove_running`] removes it.
 fn run_detached(cd: &Containerd, id: &str) -> rund_tests::containerd::CommandOutput {
     cd.ctr(&[
@@ -594,7 +657,7 @@ fn shims_needing_a_missing_template_at_once_make_it_once() {
         "{test}: auto: {log}"
     );
     assert_eq!(
-        log.matches("another process is making this template")
+        log.matches("another process is making the template of")
             .count()
             + log.matches("made template ").count(),
         AUTO_AT_ONCE,

@@ -61,6 +61,9 @@ struct TemplateCreateArgs {
     /// for it.
     #[arg(long)]
     no_wait: bool,
+    /// Make the template of every shape of `[template] keep_ready` instead of one.
+    #[arg(long, conflicts_with_all = ["vcpus", "memory_mib"])]
+    keep_ready: bool,
 }
 
 #[derive(Args)]
@@ -196,30 +199,49 @@ fn load_config(path: Option<&std::path::Path>) -> Result<shim_v2::config::Config
 }
 
 fn run_template(command: TemplateCommand) -> Result<(), String> {
+    use shim_v2::shim::sizing::VmSize;
     use shim_v2::shim::template;
     match command {
         TemplateCommand::Create(args) => {
             let config = std::sync::Arc::new(load_config(args.config.as_deref())?);
             let g = &config.guest;
-            let size = shim_v2::shim::sizing::VmSize {
-                vcpus: args.vcpus.unwrap_or(g.default_vcpus),
-                memory_mib: args
-                    .memory_mib
-                    .unwrap_or(g.default_memory_mib + g.memory_overhead_mib),
+            let sizes: Vec<VmSize> = if args.keep_ready {
+                if config.template.keep_ready.is_empty() {
+                    return Err(
+                        "--keep-ready: the configuration's template.keep_ready is empty".into(),
+                    );
+                }
+                config
+                    .template
+                    .keep_ready
+                    .iter()
+                    .map(|s| VmSize {
+                        vcpus: s.vcpus,
+                        memory_mib: s.memory_mib,
+                    })
+                    .collect()
+            } else {
+                let size = VmSize {
+                    vcpus: args.vcpus.unwrap_or(g.default_vcpus),
+                    memory_mib: args
+                        .memory_mib
+                        .unwrap_or(g.default_memory_mib + g.memory_overhead_mib),
+                };
+                if size.vcpus == 0 || size.vcpus > g.max_vcpus {
+                    return Err(format!(
+                        "--vcpus {}: must be between 1 and guest.max_vcpus ({})",
+                        size.vcpus, g.max_vcpus
+                    ));
+                }
+                if size.memory_mib < shim_v2::config::MIN_MEMORY_MIB {
+                    return Err(format!(
+                        "--memory-mib {}: below the {} MiB a guest needs",
+                        size.memory_mib,
+                        shim_v2::config::MIN_MEMORY_MIB
+                    ));
+                }
+                vec![size]
             };
-            if size.vcpus == 0 || size.vcpus > g.max_vcpus {
-                return Err(format!(
-                    "--vcpus {}: must be between 1 and guest.max_vcpus ({})",
-                    size.vcpus, g.max_vcpus
-                ));
-            }
-            if size.memory_mib < shim_v2::config::MIN_MEMORY_MIB {
-                return Err(format!(
-                    "--memory-mib {}: below the {} MiB a guest needs",
-                    size.memory_mib,
-                    shim_v2::config::MIN_MEMORY_MIB
-                ));
-            }
             vmm::host_check::check_host().map_err(|e| error_chain(&e))?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -227,23 +249,36 @@ fn run_template(command: TemplateCommand) -> Result<(), String> {
                 .build()
                 .map_err(|e| format!("starting a runtime: {e}"))?;
             let wait = !args.no_wait;
-            let made = runtime
-                .block_on(async move {
-                    tokio::task::spawn_blocking(move || {
-                        template::get_or_make(
-                            &config,
-                            size,
-                            wait,
-                            tokio::runtime::Handle::current(),
-                        )
+            for size in sizes {
+                let config = config.clone();
+                let made = runtime
+                    .block_on(async move {
+                        tokio::task::spawn_blocking(move || {
+                            template::get_or_make(
+                                &config,
+                                size,
+                                wait,
+                                tokio::runtime::Handle::current(),
+                            )
+                        })
+                        .await
                     })
-                    .await
-                })
-                .map_err(|e| format!("the template maker failed: {e}"))?
-                .map_err(|e| error_chain(&e))?;
-            match made {
-                Some(t) => println!("{} {}", t.key, t.dir.display()),
-                None => println!("another process is making this template"),
+                    .map_err(|e| format!("the template maker failed: {e}"))?
+                    .map_err(|e| {
+                        format!(
+                            "{} vCPUs, {} MiB: {}",
+                            size.vcpus,
+                            size.memory_mib,
+                            error_chain(&e)
+                        )
+                    })?;
+                match made {
+                    Some(t) => println!("{} {}", t.key, t.dir.display()),
+                    None => println!(
+                        "another process is making the template of {} vCPUs, {} MiB",
+                        size.vcpus, size.memory_mib
+                    ),
+                }
             }
             Ok(())
         }

@@ -103,6 +103,12 @@ pub struct StartSplit {
     /// Of `agent`: until the agent first answered (the rest is the guest's identity and
     /// `CreateSandbox`). `vm` + `answer` is a boot's or a restore's time to a working guest.
     pub answer: Duration,
+    /// Of `answer`: the try that got it, until the guest took the vsock connection.
+    pub connect: Duration,
+    /// Tries to get that answer (a cold guest refuses them until its agent listens).
+    pub answer_tries: u32,
+    /// Of `agent`: a restored guest's `SetGuestIdentity`.
+    pub identity: Duration,
     /// The VM was restored from a template (then `vm` is the restore).
     pub from_template: bool,
 }
@@ -116,7 +122,7 @@ impl StartSplit {
     pub fn log(&self, sandbox_id: &str, container: Duration) {
         let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
         info!(
-            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} restore_ms={:.1} start={}",
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} connect_ms={:.1} answer_tries={} identity_ms={:.1} restore_ms={:.1} start={}",
             ms(self.cgroup),
             ms(self.rootfs),
             ms(self.vm),
@@ -124,6 +130,9 @@ impl StartSplit {
             ms(container),
             ms(total),
             ms(self.answer),
+            ms(self.connect),
+            self.answer_tries,
+            ms(self.identity),
             if self.from_template { ms(self.vm) } else { 0.0 },
             if self.from_template { "template" } else { "cold" }
         );
@@ -328,6 +337,14 @@ fn sandbox_devices(
 /// Lines of the console an error quotes.
 const CONSOLE_LINES: usize = 20;
 
+/// How the agent's first answer came.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FirstAnswer {
+    pub tries: u32,
+    /// Of the last try: until the guest took the vsock connection (the rest is `Check`).
+    pub connect: Duration,
+}
+
 /// Connects to the agent once it answers `Check`; fails at `timeout`, or as soon as the guest
 /// has stopped, quoting the console's end either way.
 pub(super) async fn connect_agent(
@@ -335,17 +352,21 @@ pub(super) async fn connect_agent(
     timeout: Duration,
     vm: &VmHandle,
     console: &ConsoleTail,
-) -> Result<AgentClient, SandboxError> {
+) -> Result<(AgentClient, FirstAnswer), SandboxError> {
     let deadline = Instant::now() + timeout;
+    let mut tries = 0;
     loop {
+        tries += 1;
+        let t = Instant::now();
         // Until the agent listens, the guest refuses the port and the VMM closes the stream.
         if let Ok(c) = connect_hybrid_vsock(socket, AGENT_VSOCK_PORT, Duration::from_secs(5)).await
         {
+            let connect = t.elapsed();
             if c.check(ctx(Duration::from_secs(5)), &Empty::new())
                 .await
                 .is_ok()
             {
-                return Ok(c);
+                return Ok((c, FirstAnswer { tries, connect }));
             }
         }
         if let Some(exit) = vm.exit_reason() {
@@ -507,11 +528,15 @@ impl Sandbox {
             .vm
             .as_ref()
             .ok_or_else(|| SandboxError::Vm("the microVM is gone".into()))?;
-        let agent = connect_agent(&dir.join(VSOCK_SOCKET), timeout, vm, console).await?;
+        let (agent, first) = connect_agent(&dir.join(VSOCK_SOCKET), timeout, vm, console).await?;
         split.answer = t.elapsed();
+        split.connect = first.connect;
+        split.answer_tries = first.tries;
         if split.from_template {
             let hostname = spec.hostname().clone().unwrap_or_default();
+            let t = Instant::now();
             template::set_identity(&agent, &hostname, timeout).await?;
+            split.identity = t.elapsed();
         }
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_owned();
@@ -539,15 +564,23 @@ impl Sandbox {
             },
             split.cgroup + split.rootfs + split.vm + split.agent
         );
-        if config.template.mode == TemplateMode::Auto && !split.from_template {
-            // The next sandbox of this shape restores it; this one does not wait for it.
+        if config.template.mode != TemplateMode::Off {
             let home: Vec<PathBuf> = held
                 .cgroup
                 .as_ref()
                 .map(|c| c.home_dirs().to_vec())
                 .unwrap_or_default();
-            if let Err(e) = template::make_detached(config, size, &home) {
-                warn!("cannot start making the template of this shape: {e}");
+            let own = config.template.mode == TemplateMode::Auto && !split.from_template;
+            if own {
+                // The next sandbox of this shape restores it; this one does not wait for it.
+                if let Err(e) = template::make_detached(config, size, &home) {
+                    warn!("cannot start making the template of this shape: {e}");
+                }
+            }
+            if !config.template.keep_ready.is_empty() {
+                let c = config.clone();
+                let except = own.then_some(size);
+                tokio::task::spawn_blocking(move || template::keep_ready(&c, except, &home));
             }
         }
         Ok((agent, size, split))

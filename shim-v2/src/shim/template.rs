@@ -124,7 +124,8 @@ fn snapshot_template_vm(
             .map_err(|e| SandboxError::Vm(error_chain(&e)))?;
         let timeout = Duration::from_secs(config.guest.agent_timeout_secs);
         let answered = runtime.block_on(async {
-            let agent = connect_agent(&work.join(VSOCK_SOCKET), timeout, &handle, &console).await?;
+            let (agent, _) =
+                connect_agent(&work.join(VSOCK_SOCKET), timeout, &handle, &console).await?;
             // No connection may be open in a template: clones could not go on with it.
             drop(agent);
             Ok::<(), SandboxError>(())
@@ -256,6 +257,42 @@ pub fn make_detached(
         }
     });
     Ok(())
+}
+
+/// Starts a maker (as [`make_detached`]) for each shape of `[template] keep_ready` that has no
+/// template, `except` the one a caller makes itself. A shape whose maker already runs costs one
+/// maker that exits at once (the store's lock). Blocking: a few stats and small reads per shape.
+pub fn keep_ready(config: &Config, except: Option<VmSize>, cgroups: &[PathBuf]) {
+    let Ok(store) = store(config) else {
+        return;
+    };
+    for shape in &config.template.keep_ready {
+        let size = VmSize {
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+        };
+        if Some(size) == except {
+            continue;
+        }
+        let found = inputs(config, size).and_then(|i| store.find(&i).map_err(template_err));
+        match found {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if let Err(e) = make_detached(config, size, cgroups) {
+                    log::warn!(
+                        "cannot start making the template of {} vCPUs, {} MiB to keep ready: {e}",
+                        size.vcpus,
+                        size.memory_mib
+                    );
+                }
+            }
+            Err(e) => log::warn!(
+                "the template of {} vCPUs, {} MiB to keep ready: {e}",
+                size.vcpus,
+                size.memory_mib
+            ),
+        }
+    }
 }
 
 /// Gives a restored guest its own identity before anything else runs in it: fresh entropy

@@ -1,7 +1,8 @@
 //! What `ci/bench-start` computes from its measurements: percentiles, and the split of rund's
 //! sandbox start that the shim logs, one line per sandbox, into containerd's log:
 //! `rund-start-split sandbox=<id> cgroup_ms=<f> rootfs_ms=<f> vm_ms=<f> agent_ms=<f>
-//! container_ms=<f> total_ms=<f> answer_ms=<f> restore_ms=<f> start=template|cold`.
+//! container_ms=<f> total_ms=<f> answer_ms=<f> connect_ms=<f> answer_tries=<n> identity_ms=<f>
+//! restore_ms=<f> start=template|cold`.
 
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ pub const START_PHASES: &[&str] = &[
     "container_ms",
     "total_ms",
     "answer_ms",
+    "connect_ms",
+    "identity_ms",
 ];
 
 /// The marker that starts a split line.
@@ -27,6 +30,8 @@ pub struct StartSplit {
     pub phases: Vec<(String, f64)>,
     /// `template` or `cold`, where the line says.
     pub start: Option<String>,
+    /// Tries to get the agent's first answer, where the line says.
+    pub answer_tries: Option<u32>,
 }
 
 impl StartSplit {
@@ -52,6 +57,7 @@ pub fn parse_start_split(line: &str) -> Option<StartSplit> {
     let (_, rest) = line.split_once(START_SPLIT_MARKER)?;
     let mut sandbox = None;
     let mut start = None;
+    let mut answer_tries = None;
     let mut phases = Vec::new();
     for word in rest.split_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -62,6 +68,8 @@ pub fn parse_start_split(line: &str) -> Option<StartSplit> {
             sandbox = Some(value.to_string());
         } else if key == "start" {
             start = Some(value.to_string());
+        } else if key == "answer_tries" {
+            answer_tries = value.parse().ok();
         } else if key.ends_with("_ms") {
             phases.push((key.to_string(), value.parse().ok()?));
         }
@@ -70,6 +78,7 @@ pub fn parse_start_split(line: &str) -> Option<StartSplit> {
         sandbox: sandbox?,
         phases,
         start,
+        answer_tries,
     })
 }
 
@@ -106,10 +115,12 @@ mod tests {
     fn split_lines_are_parsed_raw_and_quoted() {
         let raw =
             "rund-start-split sandbox=abc cgroup_ms=0.4 rootfs_ms=1.5 vm_ms=20 agent_ms=900.25 \
-                   container_ms=12 total_ms=934.15 answer_ms=800 restore_ms=0.0 start=cold";
+                   container_ms=12 total_ms=934.15 answer_ms=800 answer_tries=3 restore_ms=0.0 \
+                   start=cold";
         let s = parse_start_split(raw).unwrap();
         assert_eq!(s.sandbox, "abc");
         assert_eq!(s.phases.len(), 8);
+        assert_eq!(s.answer_tries, Some(3));
         assert_eq!(s.start.as_deref(), Some("cold"));
         assert!(!s.from_template());
         assert_eq!(s.phase("agent_ms"), Some(900.25));
