@@ -559,6 +559,29 @@ impl VmHandle {
         lines.join("\n")
     }
 
+    /// Connections the guest has open through its devices (vsock's), as the devices know them.
+    /// A device the VMM thread holds for longer than a moment counts as one.
+    pub fn open_connections(&self) -> usize {
+        self.devices
+            .iter()
+            .map(|device| {
+                let deadline = Instant::now() + REPORT_LOCK_WAIT;
+                loop {
+                    match device.try_lock() {
+                        Ok(d) => break d.open_connections(),
+                        Err(std::sync::TryLockError::Poisoned(p)) => {
+                            break p.into_inner().open_connections()
+                        }
+                        Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(std::sync::TryLockError::WouldBlock) => break 1,
+                    }
+                }
+            })
+            .sum()
+    }
+
     /// One line per vCPU: in the guest for how long and where (a register sample), or in the VMM
     /// for how long and on what exit, with its exit count. Kicks each vCPU in the guest once.
     pub fn vcpu_report(&self) -> String {

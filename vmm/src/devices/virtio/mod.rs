@@ -285,8 +285,14 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
         device_kind(self.device_type()).to_owned()
     }
     /// The VM was restored from a snapshot and is about to run: the host side of whatever the
-    /// guest had open is gone (virtio-vsock resets its transport). Nothing by default.
+    /// guest had open is gone (virtio-vsock resets its transport if there was any). Nothing by
+    /// default.
     fn restored(&mut self) {}
+    /// Connections the guest has through this device that a snapshot cannot carry (vsock's);
+    /// none by default. A snapshot taken while there are none restores without a reset.
+    fn open_connections(&self) -> usize {
+        0
+    }
 }
 
 /// A short name for a virtio device ID.

@@ -40,6 +40,9 @@ pub struct Vsock {
     pub(super) common: VirtioCommon,
     /// A transport reset waiting for an event-queue buffer.
     pending_reset_event: bool,
+    /// Whether the guest may hold connections this device does not know (restored from a
+    /// state whose host side had some): then its restore resets the transport.
+    reset_on_restore: bool,
 }
 
 impl Vsock {
@@ -53,6 +56,7 @@ impl Vsock {
             common: VirtioCommon::new("virtio-vsock", &[QUEUE_SIZE; 3], features::EVENT_IDX)
                 .map_err(VsockError::EventFd)?,
             pending_reset_event: false,
+            reset_on_restore: true,
         })
     }
 
@@ -94,6 +98,7 @@ impl Vsock {
             acked_features: self.common.acked_features(),
             activated: self.common.is_active(),
             queues: self.queue_states(),
+            guest_connections: Some(self.muxer.guest_side_count() as u64),
         }
     }
 
@@ -259,9 +264,17 @@ impl VirtioDevice for Vsock {
     }
 
     // The guest's connections died with the snapshot's host side: it must drop them (its
-    // listeners survive), or a guest-initiated connect would wait forever.
+    // listeners survive), or a guest-initiated connect would wait forever. A guest that had
+    // none is left alone: the reset races the host's first connection (the guest handles its
+    // event and RX queues in separate work items) and would kill it.
     fn restored(&mut self) {
-        self.send_transport_reset();
+        if self.reset_on_restore {
+            self.send_transport_reset();
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.muxer.guest_side_count()
     }
 
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
@@ -272,6 +285,8 @@ impl VirtioDevice for Vsock {
         let saved: VsockState =
             serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
         self.common.ensure_inactive()?;
-        saved.check_fits(self.guest_cid(), self.common.avail_features())
+        saved.check_fits(self.guest_cid(), self.common.avail_features())?;
+        self.reset_on_restore = saved.guest_connections != Some(0);
+        Ok(())
     }
 }

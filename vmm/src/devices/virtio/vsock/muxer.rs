@@ -244,6 +244,11 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// Connections the guest side knows of: bridged, being set up, or owed an RST.
+    pub fn guest_side_count(&self) -> usize {
+        self.conns.len() + self.rsts.len()
+    }
+
     /// Host streams still sending their CONNECT line.
     pub fn handshake_count(&self) -> usize {
         self.handshakes.len()

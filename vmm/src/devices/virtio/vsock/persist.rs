@@ -2,10 +2,12 @@
 //!
 //! What comes back: the guest CID (the guest's own address, which it keeps across the restore) and
 //! the features. What does not: host connections. Their unix streams belong to the process that
-//! took the snapshot, and a template is restored into many processes, so after a restore the VMM
-//! sends a transport reset ([`Vsock::send_transport_reset`](super::Vsock::send_transport_reset))
-//! and the guest drops its connections while its listening sockets survive. The socket path is not
-//! part of the state either: every clone listens on its own.
+//! took the snapshot, and a template is restored into many processes, so after a restore of a
+//! guest that had connections the VMM sends a transport reset
+//! ([`Vsock::send_transport_reset`](super::Vsock::send_transport_reset)) and the guest drops them
+//! while its listening sockets survive. A guest that had none (a template is quiesced) gets no
+//! reset: it would race the first host connection and kill it. The socket path is not part of the
+//! state either: every clone listens on its own.
 
 use crate::devices::virtio::{DeviceStateError, QueueSnapshot};
 
@@ -22,6 +24,11 @@ pub struct VsockState {
     pub activated: bool,
     /// The live queues (empty unless activated); the transport restores them.
     pub queues: Vec<QueueSnapshot>,
+    /// Connections the guest had as the device knew them (bridged, being set up, or owed an
+    /// RST); `None` in a state written before the count was kept, which a restore treats as
+    /// some.
+    #[serde(default)]
+    pub guest_connections: Option<u64>,
 }
 
 impl VsockState {

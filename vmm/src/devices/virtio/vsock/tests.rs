@@ -904,6 +904,31 @@ fn an_unfinished_close_is_killed_after_the_deadline() {
 }
 
 #[test]
+fn a_restore_resets_the_transport_only_where_the_guest_had_connections() {
+    let mut g = Guest::new();
+    g.post_all_rx();
+    let quiet = g.dev.state();
+    assert_eq!(quiet.guest_connections, Some(0));
+    let (_stream, _) = g.host_connect(101);
+    let busy = g.dev.state();
+    assert_eq!(busy.guest_connections, Some(1));
+    // A state from before the count was kept: treated as one with connections.
+    let mut old = serde_json::to_value(&quiet).unwrap();
+    old.as_object_mut().unwrap().remove("guest_connections");
+    let dir = tempfile::tempdir().unwrap();
+    for (what, state, reset) in [
+        ("quiet", serde_json::to_value(&quiet).unwrap(), false),
+        ("busy", serde_json::to_value(&busy).unwrap(), true),
+        ("older", old, true),
+    ] {
+        let mut clone = Vsock::new(CID, &dir.path().join(format!("{what}.sock"))).unwrap();
+        clone.restore_state(&state).unwrap();
+        VirtioDevice::restored(&mut clone);
+        assert_eq!(clone.transport_reset_pending(), reset, "{what}");
+    }
+}
+
+#[test]
 fn transport_reset_event_drops_connections_and_keeps_the_listener() {
     let mut g = Guest::new();
     g.post_all_rx();
