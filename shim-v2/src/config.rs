@@ -151,6 +151,10 @@ pub struct TemplateConfig {
     /// (unless `mode` is `off`) starts a maker for each one missing, off its path, and
     /// `rund template create --keep-ready` makes them all (after a reboot, say).
     pub keep_ready: Vec<TemplateShape>,
+    /// The bound, in MiB, of the store's own tmpfs, which rund mounts on `dir` (huge pages: a
+    /// clone's guest then faults its memory in 2 MiB at a time) unless `dir` is a mount point
+    /// already or holds files; 0: no mount, `dir` as it is.
+    pub store_mib: u64,
 }
 
 /// A sandbox's shape, as a template is made for it.
@@ -171,6 +175,7 @@ impl Default for TemplateConfig {
             mode: TemplateMode::default(),
             dir: PathBuf::from(templates::store::DEFAULT_ROOT),
             keep_ready: Vec::new(),
+            store_mib: 4096,
         }
     }
 }
@@ -458,6 +463,14 @@ mod tests {
             ]
         );
         assert!(Config::default().template.keep_ready.is_empty());
+        assert_eq!(Config::default().template.store_mib, 4096);
+        assert_eq!(
+            parse("[template]\nstore_mib = 0\n")
+                .unwrap()
+                .template
+                .store_mib,
+            0
+        );
         for (text, message) in [
             (
                 "[{ vcpus = 0, memory_mib = 320 }]",

@@ -190,6 +190,34 @@ impl std::fmt::Debug for TemplateStore {
 /// An flock on a template's lock file, released on drop (and by the kernel if the holder dies).
 struct MakeLock(#[allow(dead_code)] File);
 
+/// The store's one lock helper: `path` (0600, made if missing, never through a symlink)
+/// flock'd exclusively, waiting for it with `wait`, else `None` if another holds it. The file
+/// holds the lock until dropped (and the kernel drops it if the holder dies). On error, what
+/// failed (`open` or `lock`) and why.
+pub(crate) fn lock_file(
+    path: &Path,
+    wait: bool,
+) -> Result<Option<File>, (&'static str, io::Error)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| ("open", e))?;
+    let op = if wait {
+        FlockOperation::LockExclusive
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    match rustix::fs::flock(&file, op) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+        Err(e) => Err(("lock", e.into())),
+    }
+}
+
 impl TemplateStore {
     /// The store at `root`, made (0700) if missing; refused if another user could change it.
     pub fn open(root: impl Into<PathBuf>) -> Result<TemplateStore, TemplateError> {
@@ -238,24 +266,9 @@ impl TemplateStore {
 
     fn lock(&self, key: &TemplateKey, wait: bool) -> Result<Option<MakeLock>, TemplateError> {
         let path = self.root.join(format!(".{key}.lock"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        let op = if wait {
-            FlockOperation::LockExclusive
-        } else {
-            FlockOperation::NonBlockingLockExclusive
-        };
-        match rustix::fs::flock(&file, op) {
-            Ok(()) => Ok(Some(MakeLock(file))),
-            Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
-            Err(e) => Err(io_err("lock", &path)(e.into())),
-        }
+        lock_file(&path, wait)
+            .map(|held| held.map(MakeLock))
+            .map_err(|(op, e)| io_err(op, &path)(e))
     }
 
     /// The template for `inputs`: found, or made by `snapshot`, which writes a paused source VM's

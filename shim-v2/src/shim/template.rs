@@ -12,12 +12,13 @@ use std::io::Read;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::agent::SetGuestIdentityRequest;
 use agent_protocol::AgentClient;
-use log::info;
+use log::{info, warn};
 use rootfs_split::{SandboxRootfs, WritableLayer};
+use templates::memory_fs::MemoryFs;
 use templates::{FileIdentity, Template, TemplateInputs, TemplateStore};
 use vmm::{error_chain, Vm};
 
@@ -34,6 +35,8 @@ const SEED_BYTES: usize = 64;
 const MAKER_WORK_DIR: &str = "work";
 /// The background makers' log, in the store; cut when it grows past this before a maker starts.
 const MAKER_LOG: &str = "maker.log";
+/// How long a template VM's connections get to close before its snapshot.
+const QUIESCE_WAIT: Duration = Duration::from_secs(5);
 const MAKER_LOG_MAX_BYTES: u64 = 1 << 20;
 
 fn template_err(e: templates::TemplateError) -> SandboxError {
@@ -44,7 +47,31 @@ fn template_err(e: templates::TemplateError) -> SandboxError {
 /// `work/` of its directory (a writable-layer copy beside the others, share directories): the
 /// next maker undoes it by its record.
 pub fn store(config: &Config) -> Result<TemplateStore, SandboxError> {
-    Ok(TemplateStore::open(&config.template.dir)
+    let t = &config.template;
+    if t.store_mib > 0 {
+        match templates::memory_fs::ensure(&t.dir, t.store_mib) {
+            Ok(MemoryFs::MountedHuge) => info!(
+                "template store {}: a tmpfs of {} MiB with huge pages",
+                t.dir.display(),
+                t.store_mib
+            ),
+            Ok(MemoryFs::MountedPlain) => warn!(
+                "template store {}: a tmpfs of {} MiB without huge pages (the kernel has no \
+                 shmem THP): restores fault in 4 KiB pages",
+                t.dir.display(),
+                t.store_mib
+            ),
+            Ok(MemoryFs::NotEmpty) => warn!(
+                "template store {}: holds templates but is no mount of its own; after `rund \
+                 template remove all` the next start mounts one",
+                t.dir.display()
+            ),
+            Ok(MemoryFs::Existing) => {}
+            // The store works on the directory as it is, only slower to restore from.
+            Err(e) => warn!("template store: {}", error_chain(&e)),
+        }
+    }
+    Ok(TemplateStore::open(&t.dir)
         .map_err(template_err)?
         .undo_leftovers_with(|dir| {
             if let Err(e) = SandboxRootfs::cleanup(&dir.join(MAKER_WORK_DIR)) {
@@ -131,8 +158,20 @@ fn snapshot_template_vm(
             Ok::<(), SandboxError>(())
         });
         let snapshot = answered.and_then(|()| {
-            // The guest sees its connection close before it stops.
-            std::thread::sleep(Duration::from_millis(50));
+            // The guest sees its connection close before it stops: a template without open
+            // connections restores without a vsock transport reset, which would race (and kill)
+            // each clone's first connection. One still open after the wait is reset instead.
+            let deadline = Instant::now() + QUIESCE_WAIT;
+            while handle.open_connections() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let open = handle.open_connections();
+            if open > 0 {
+                log::warn!(
+                    "{open} guest connection(s) still open after {QUIESCE_WAIT:?}: clones will \
+                     reset their vsock transport"
+                );
+            }
             handle
                 .pause()
                 .and_then(|()| handle.snapshot(dir))
