@@ -153,7 +153,7 @@ pub struct TemplateConfig {
     pub keep_ready: Vec<TemplateShape>,
     /// The bound, in MiB, of the store's own tmpfs, which rund mounts on `dir` (huge pages: a
     /// clone's guest then faults its memory in 2 MiB at a time) unless `dir` is a mount point
-    /// already or holds files; 0: no mount, `dir` as it is.
+    /// already or holds templates; 0: no mount, `dir` as it is.
     pub store_mib: u64,
 }
 

@@ -282,6 +282,25 @@ impl MutEventSubscriber for Wakeup {
     }
 }
 
+/// `f` of `device`, taken from a running VM: `None` if the VMM thread holds the device for
+/// longer than [`REPORT_LOCK_WAIT`] (a poisoned lock still gives its device).
+fn glimpse<T>(
+    device: &VirtioDeviceHandle,
+    f: impl Fn(&dyn crate::devices::virtio::VirtioDevice) -> T,
+) -> Option<T> {
+    let deadline = Instant::now() + REPORT_LOCK_WAIT;
+    loop {
+        match device.try_lock() {
+            Ok(d) => return Some(f(&*d)),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(f(&*p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 /// Everything the VMM thread owns while the VM runs. Dropping it tears the VM down: `Drop` stops the
 /// vCPUs, then the fields go in declaration order, devices before the VM fd before guest memory.
 struct VmRuntime {
@@ -539,24 +558,15 @@ impl VmHandle {
     /// that stopped answering. Read while the VM runs, so only a glimpse; a device the VMM thread
     /// holds for longer than a moment is reported as busy rather than waited for.
     pub fn device_report(&self) -> String {
-        let mut lines = Vec::with_capacity(self.devices.len());
-        for device in &self.devices {
-            let deadline = Instant::now() + REPORT_LOCK_WAIT;
-            let line = loop {
-                match device.try_lock() {
-                    Ok(d) => break d.report(),
-                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().report(),
-                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => {
-                        break format!("a device held by the VMM thread for {REPORT_LOCK_WAIT:?}")
-                    }
-                }
-            };
-            lines.push(line);
-        }
-        lines.join("\n")
+        self.devices
+            .iter()
+            .map(|device| {
+                glimpse(device, |d| d.report()).unwrap_or_else(|| {
+                    format!("a device held by the VMM thread for {REPORT_LOCK_WAIT:?}")
+                })
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Connections the guest has open through its devices (vsock's), as the devices know them.
@@ -564,21 +574,7 @@ impl VmHandle {
     pub fn open_connections(&self) -> usize {
         self.devices
             .iter()
-            .map(|device| {
-                let deadline = Instant::now() + REPORT_LOCK_WAIT;
-                loop {
-                    match device.try_lock() {
-                        Ok(d) => break d.open_connections(),
-                        Err(std::sync::TryLockError::Poisoned(p)) => {
-                            break p.into_inner().open_connections()
-                        }
-                        Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(std::sync::TryLockError::WouldBlock) => break 1,
-                    }
-                }
-            })
+            .map(|device| glimpse(device, |d| d.open_connections()).unwrap_or(1))
             .sum()
     }
 

@@ -215,10 +215,8 @@ fn run_template(command: TemplateCommand) -> Result<(), String> {
                     .template
                     .keep_ready
                     .iter()
-                    .map(|s| VmSize {
-                        vcpus: s.vcpus,
-                        memory_mib: s.memory_mib,
-                    })
+                    .copied()
+                    .map(VmSize::from)
                     .collect()
             } else {
                 let size = VmSize {

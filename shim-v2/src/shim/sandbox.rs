@@ -573,7 +573,9 @@ impl Sandbox {
             let own = config.template.mode == TemplateMode::Auto && !split.from_template;
             if own {
                 // The next sandbox of this shape restores it; this one does not wait for it.
-                if let Err(e) = template::make_detached(config, size, &home) {
+                let made = template::store(config)
+                    .and_then(|store| template::make_detached(&store, size, &home));
+                if let Err(e) = made {
                     warn!("cannot start making the template of this shape: {e}");
                 }
             }

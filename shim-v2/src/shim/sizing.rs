@@ -43,6 +43,15 @@ pub struct VmSize {
     pub memory_mib: u32,
 }
 
+impl From<crate::config::TemplateShape> for VmSize {
+    fn from(shape: crate::config::TemplateShape) -> Self {
+        VmSize {
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+        }
+    }
+}
+
 fn annotation_u64(
     annotations: &HashMap<String, String>,
     key: &'static str,

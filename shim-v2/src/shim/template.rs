@@ -217,11 +217,11 @@ fn open_maker_log(store: &TemplateStore) -> std::io::Result<(std::fs::File, std:
 /// does would be lost. `rund` is the one installed beside this shim; its output goes to
 /// `maker.log` in the store, which a pipe to a shim that exited could not take. Shims that start
 /// one each for the same shape at once make the template once: the others find it being made
-/// and exit. The maker starts in `cgroups` (the shim's own before it joined the sandbox's): a
+/// and exit (`store` is the host's, whose log they write). The maker starts in `cgroups` (the shim's own before it joined the sandbox's): a
 /// template is the node's, and a maker left in the sandbox's cgroup would be charged to it and
 /// keep it busy after the sandbox ended.
 pub fn make_detached(
-    config: &Config,
+    store: &TemplateStore,
     size: VmSize,
     cgroups: &[PathBuf],
 ) -> Result<(), SandboxError> {
@@ -232,8 +232,7 @@ pub fn make_detached(
         .parent()
         .map(|d| d.join("rund"))
         .ok_or_else(|| SandboxError::Template("the shim's own path has no directory".into()))?;
-    let (log, log_path) =
-        open_maker_log(&store(config)?).map_err(|e| io("the template makers' log", e))?;
+    let (log, log_path) = open_maker_log(store).map_err(|e| io("the template makers' log", e))?;
     let mut command = std::process::Command::new(&rund);
     command
         .args(["template", "create", "--no-wait", "--vcpus"])
@@ -305,11 +304,8 @@ pub fn keep_ready(config: &Config, except: Option<VmSize>, cgroups: &[PathBuf]) 
     let Ok(store) = store(config) else {
         return;
     };
-    for shape in &config.template.keep_ready {
-        let size = VmSize {
-            vcpus: shape.vcpus,
-            memory_mib: shape.memory_mib,
-        };
+    for &shape in &config.template.keep_ready {
+        let size = VmSize::from(shape);
         if Some(size) == except {
             continue;
         }
@@ -317,7 +313,7 @@ pub fn keep_ready(config: &Config, except: Option<VmSize>, cgroups: &[PathBuf]) 
         match found {
             Ok(Some(_)) => {}
             Ok(None) => {
-                if let Err(e) = make_detached(config, size, cgroups) {
+                if let Err(e) = make_detached(&store, size, cgroups) {
                     log::warn!(
                         "cannot start making the template of {} vCPUs, {} MiB to keep ready: {e}",
                         size.vcpus,
