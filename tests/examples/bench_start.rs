@@ -44,6 +44,10 @@ struct Args {
     /// `auto` mode, with the template made before the timed runs) and `cold` (mode `off`).
     #[arg(long, value_delimiter = ',', default_value = "template,cold")]
     rund_starts: Vec<RundStart>,
+    /// Words rund's guests' kernel command line gains (`[guest] extra_cmdline`), for both rund
+    /// sides and the template: to measure a kernel parameter's cost or what it shares.
+    #[arg(long)]
+    guest_cmdline: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -458,6 +462,13 @@ fn main() -> ExitCode {
     );
     let labels: Vec<&str> = sides(&cd, &args).iter().map(|s| s.label()).collect();
     println!("  sides: {}", labels.join(", "));
+    if let (Some(cmdline), true) = (&args.guest_cmdline, runtimes.contains(&Runtime::Rund)) {
+        if let Err(e) = cd.set_guest_extra_cmdline(cmdline) {
+            eprintln!("bench-start: [guest] extra_cmdline: {e}");
+            return ExitCode::from(2);
+        }
+        println!("  rund's guests' extra command line: {cmdline}");
+    }
     if args.rund_starts.contains(&RundStart::Template) && runtimes.contains(&Runtime::Rund) {
         // As an operator prepares a node; `auto` would also make it after the first cold start.
         let start = Instant::now();

@@ -912,10 +912,24 @@ impl Containerd {
         self.edit_template(|t| t["keep_ready"] = toml_edit::value(list))
     }
 
-    /// Edits the `[template]` table of rund's configuration, keeping the text it had before the
-    /// first edit for the drop to put back.
+    /// Sets rund's `[guest] extra_cmdline` (what the guest kernel's command line gains), restored
+    /// as [`Self::set_template_mode`]'s edit is.
+    pub fn set_guest_extra_cmdline(&self, cmdline: &str) -> Result<(), ContainerdError> {
+        self.edit_table("guest", |t| t["extra_cmdline"] = toml_edit::value(cmdline))
+    }
+
     fn edit_template(
         &self,
+        edit: impl FnOnce(&mut toml_edit::Item),
+    ) -> Result<(), ContainerdError> {
+        self.edit_table("template", edit)
+    }
+
+    /// Edits table `table` of rund's configuration, keeping the text it had before the first
+    /// edit for the drop to put back.
+    fn edit_table(
+        &self,
+        table: &str,
         edit: impl FnOnce(&mut toml_edit::Item),
     ) -> Result<(), ContainerdError> {
         let rund = self
@@ -931,7 +945,7 @@ impl Containerd {
                     what: format!("parsing {}", path.display()),
                     source: std::io::Error::other(e.to_string()),
                 })?;
-        edit(&mut doc["template"]);
+        edit(&mut doc[table]);
         {
             let mut saved = self
                 .rund_config_saved

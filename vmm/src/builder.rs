@@ -4,7 +4,7 @@
 //! legacy and virtio devices and create the vCPUs the same way; neither runs guest code.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -362,55 +362,128 @@ fn in_saved_order(
     Ok(ordered)
 }
 
-/// A VM that goes on from the snapshot `spec` names, with `spec`'s backends.
-pub(crate) fn restore(spec: RestoreSpec) -> Result<Vm, VmError> {
-    let snapshot = Snapshot::read(&spec.snapshot)?;
+/// A restore's first half, which needs none of the new VM's backends: the snapshot read and
+/// checked, its memory file mapped copy-on-write, the KVM VM made with its memory slots, irqchip
+/// and PIT. A caller makes it while it sets the backends up ([`Vm::prepare_restore`]); dropping
+/// it frees all of it.
+pub struct PreparedRestore {
+    dir: PathBuf,
+    snapshot: Snapshot,
+    kvm_sys: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+}
+
+impl std::fmt::Debug for PreparedRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedRestore")
+            .field("snapshot", &self.dir)
+            .field("vcpus", &self.snapshot.vcpus)
+            .field("mem_size", &self.snapshot.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When a restored VM's page tables get the template's pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplatePages {
+    /// As the guest first touches each (each touch a host page fault under KVM's).
+    OnTouch,
+    /// All of them while the restore is prepared ([`GuestRam::map_file_pages`]): not copied,
+    /// holes left alone.
+    MapAhead,
+}
+
+/// The first half of a restore of the snapshot in `dir`.
+pub(crate) fn prepare_restore(
+    dir: &Path,
+    pages: TemplatePages,
+) -> Result<PreparedRestore, VmError> {
+    let snapshot = Snapshot::read(dir)?;
     let (kvm_sys, max_vcpus) = open_kvm()?;
     let max = max_vcpus.min(MAX_VCPUS_MP_TABLE);
     if snapshot.vcpus > max {
         return Err(VmError::Snapshot(SnapshotError::Inconsistent {
-            path: spec.snapshot.clone(),
+            path: dir.to_owned(),
             what: format!("{} vCPUs; this host allows {max}", snapshot.vcpus),
         }));
     }
-    let devices = in_saved_order(&snapshot, spec.devices)?;
-    let memory_file = snapshot.open_memory(&spec.snapshot)?;
+    let memory_file = snapshot.open_memory(dir)?;
     let ram = GuestRam::from_file(snapshot.mem_size, &memory_file)?;
+    if pages == TemplatePages::MapAhead {
+        let mapped = ram.map_file_pages(&memory_file);
+        log::debug!("{} KiB of template pages mapped ahead", mapped >> 10);
+    }
     drop(memory_file);
     let vm_fd = create_vm(&kvm_sys, &ram)?;
-
-    let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
-    let serial_out = spec.serial.open()?;
-    let (pio, serial) = legacy_devices(&vm_fd, &exit, |irq| {
-        SerialConsole::restored(irq, serial_out, &snapshot.serial).map_err(VmError::Serial)
-    })?;
-    let slots: Vec<MmioSlot> = (0..devices.len()).map(MmioSlot::nth).collect();
-    let (mmio, transports) = virtio_devices(&vm_fd, &ram, &devices, &slots)?;
-    let shared = vcpu_shared(&kvm_sys, snapshot.vcpus, (pio, mmio), exit)?;
-
-    put_vm_state(&vm_fd, &snapshot.vm, &transports)?;
-    let states = &snapshot.vm.vcpus;
-    let vcpus = create_vcpus(&vm_fd, snapshot.vcpus, &shared, |index, fd| {
-        apply_state(fd, index, &states[index as usize])?;
-        Ok(())
-    })?;
-    // The host side of the guest's connections is gone; and every queue is looked at once more
-    // when the event loop starts: with EVENT_IDX, a buffer the guest added just before the
-    // snapshot would otherwise wait for a kick that already happened (Firecracker #5969).
-    for (device, transport) in devices.iter().zip(&transports) {
-        lock(device).restored();
-        for notify in lock(transport).queue_notifiers() {
-            notify.write(1).map_err(VmError::EventFd)?;
-        }
-    }
-    Ok(Vm {
+    Ok(PreparedRestore {
+        dir: dir.to_owned(),
+        snapshot,
+        kvm_sys,
         vm_fd,
         ram,
-        vcpus,
-        serial,
-        transports,
-        devices,
-        exit: shared.exit,
-        control: shared.control,
     })
+}
+
+/// A VM that goes on from the snapshot `spec` names, with `spec`'s backends.
+pub(crate) fn restore(spec: RestoreSpec) -> Result<Vm, VmError> {
+    prepare_restore(&spec.snapshot, TemplatePages::OnTouch)?.finish(spec.serial, spec.devices)
+}
+
+impl PreparedRestore {
+    /// The snapshot directory this restore reads.
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The second half: the new VM's devices on `devices` (see [`RestoreSpec`]) and every
+    /// saved state put back. No guest code runs until [`Vm::start`].
+    pub fn finish(
+        self,
+        serial: SerialOutput,
+        devices: Vec<VirtioDeviceHandle>,
+    ) -> Result<Vm, VmError> {
+        let PreparedRestore {
+            snapshot,
+            kvm_sys,
+            vm_fd,
+            ram,
+            ..
+        } = self;
+        let devices = in_saved_order(&snapshot, devices)?;
+        let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
+        let serial_out = serial.open()?;
+        let (pio, serial) = legacy_devices(&vm_fd, &exit, |irq| {
+            SerialConsole::restored(irq, serial_out, &snapshot.serial).map_err(VmError::Serial)
+        })?;
+        let slots: Vec<MmioSlot> = (0..devices.len()).map(MmioSlot::nth).collect();
+        let (mmio, transports) = virtio_devices(&vm_fd, &ram, &devices, &slots)?;
+        let shared = vcpu_shared(&kvm_sys, snapshot.vcpus, (pio, mmio), exit)?;
+
+        put_vm_state(&vm_fd, &snapshot.vm, &transports)?;
+        let states = &snapshot.vm.vcpus;
+        let vcpus = create_vcpus(&vm_fd, snapshot.vcpus, &shared, |index, fd| {
+            apply_state(fd, index, &states[index as usize])?;
+            Ok(())
+        })?;
+        // The host side of the guest's connections is gone; and every queue is looked at once more
+        // when the event loop starts: with EVENT_IDX, a buffer the guest added just before the
+        // snapshot would otherwise wait for a kick that already happened (Firecracker #5969).
+        for (device, transport) in devices.iter().zip(&transports) {
+            lock(device).restored();
+            for notify in lock(transport).queue_notifiers() {
+                notify.write(1).map_err(VmError::EventFd)?;
+            }
+        }
+        Ok(Vm {
+            vm_fd,
+            ram,
+            vcpus,
+            serial,
+            transports,
+            devices,
+            exit: shared.exit,
+            control: shared.control,
+        })
+    }
 }

@@ -26,7 +26,7 @@ pub mod vcpu;
 pub mod vcpu_activity;
 pub mod vm;
 
-pub use builder::RestoreSpec;
+pub use builder::{PreparedRestore, RestoreSpec, TemplatePages};
 pub use config::{SerialOutput, VmConfig};
 pub use exit::VmExit;
 pub use state::VmState;

@@ -491,6 +491,81 @@ fn a_snapshot_restores_into_vms_that_go_on_apart() {
     );
 }
 
+/// A snapshot of a 1-vCPU counting payload that counted a while, its source VM gone.
+fn counting_template() -> tempfile::TempDir {
+    let template = tempfile::tempdir().unwrap();
+    let source = boot(&counting_payload(), 1);
+    std::thread::sleep(Duration::from_millis(100));
+    source.handle.pause().unwrap();
+    source.handle.snapshot(template.path()).unwrap();
+    source.handle.shutdown();
+    wait(source);
+    template
+}
+
+/// A sandbox prepares its restore before its backends exist: the prepared half maps the
+/// template and holds the KVM VM, and either finishes into a VM that goes on from the template
+/// or, dropped (the sandbox failed meanwhile), leaves nothing.
+#[test]
+fn a_prepared_restore_finishes_or_leaves_nothing() {
+    let Some(_g) = kvm_or_skip("a_prepared_restore_finishes_or_leaves_nothing") else {
+        return;
+    };
+    let template = counting_template();
+    let memory = template.path().join(vmm::snapshot::MEMORY_FILE);
+    let counted = count_in(template.path());
+
+    let before = footprint();
+    let dropped = Vm::prepare_restore(template.path(), vmm::TemplatePages::OnTouch).unwrap();
+    let kept = Vm::prepare_restore(template.path(), vmm::TemplatePages::MapAhead).unwrap();
+    assert_eq!(kept.snapshot_dir(), template.path());
+    assert_eq!(
+        mappings_of(&memory),
+        2,
+        "each prepared restore maps the template"
+    );
+    drop(dropped);
+    assert_eq!(mappings_of(&memory), 1, "a dropped one unmaps it");
+
+    let console = ConsoleBuffer::default();
+    let handle = kept
+        .finish(SerialOutput::Writer(Box::new(console.clone())), Vec::new())
+        .unwrap()
+        .start()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    handle.pause().unwrap();
+    let snap = tempfile::tempdir().unwrap();
+    handle.snapshot(snap.path()).unwrap();
+    assert!(
+        count_in(snap.path()) > counted,
+        "the finished restore went on counting from the template's {counted}"
+    );
+    handle.resume().unwrap();
+    let g = Guest {
+        handle,
+        console,
+        _kernel: tempfile::NamedTempFile::new().unwrap(),
+    };
+    g.handle.shutdown();
+    let (exit, out) = wait(g);
+    assert_eq!(exit, VmExit::HostRequest);
+    assert_eq!(out, b"", "a restored VM does not start over");
+    assert_eq!(mappings_of(&memory), 0);
+    assert_eq!(
+        footprint_after(&before),
+        before,
+        "the prepared restores left something behind"
+    );
+
+    // A bad snapshot is refused at preparation, by name.
+    let missing = tempfile::tempdir().unwrap();
+    let e = vmm::error_chain(
+        &Vm::prepare_restore(missing.path(), vmm::TemplatePages::OnTouch).unwrap_err(),
+    );
+    assert!(e.contains("state"), "{e}");
+}
+
 #[test]
 fn a_bad_snapshot_is_refused_by_name() {
     let Some(_g) = kvm_or_skip("a_bad_snapshot_is_refused_by_name") else {

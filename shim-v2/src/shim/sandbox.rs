@@ -14,10 +14,11 @@ use agent_protocol::{storage, AgentClient, AGENT_VSOCK_PORT, GUEST_STORAGE_DIR};
 use log::{debug, info, warn};
 use oci_spec::runtime::Spec;
 use rootfs_split::{RootfsMount, SandboxRootfs, Share, WritableLayer};
+use templates::Template;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
 use vmm::devices::virtio::vsock::Vsock;
-use vmm::{error_chain, RestoreSpec, SerialOutput, Vm, VmConfig, VmHandle};
+use vmm::{error_chain, PreparedRestore, SerialOutput, TemplatePages, Vm, VmConfig, VmHandle};
 
 use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
@@ -109,6 +110,9 @@ pub struct StartSplit {
     pub answer_tries: u32,
     /// Of `agent`: a restored guest's `SetGuestIdentity`.
     pub identity: Duration,
+    /// Of `vm`: finding the template and preparing its restore (reading the snapshot, mapping
+    /// its memory, making the KVM VM).
+    pub prepare: Duration,
     /// The VM was restored from a template (then `vm` is the restore).
     pub from_template: bool,
 }
@@ -122,7 +126,7 @@ impl StartSplit {
     pub fn log(&self, sandbox_id: &str, container: Duration) {
         let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
         info!(
-            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} connect_ms={:.1} answer_tries={} identity_ms={:.1} restore_ms={:.1} start={}",
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} connect_ms={:.1} answer_tries={} identity_ms={:.1} prepare_ms={:.1} restore_ms={:.1} start={}",
             ms(self.cgroup),
             ms(self.rootfs),
             ms(self.vm),
@@ -133,6 +137,7 @@ impl StartSplit {
             ms(self.connect),
             self.answer_tries,
             ms(self.identity),
+            ms(self.prepare),
             if self.from_template { ms(self.vm) } else { 0.0 },
             if self.from_template { "template" } else { "cold" }
         );
@@ -385,6 +390,54 @@ pub(super) async fn connect_agent(
     }
 }
 
+/// A restore made ready before its backends exist.
+struct Prepared {
+    restore: PreparedRestore,
+    /// How long the lookup and the preparation took.
+    took: Duration,
+}
+
+/// The template of `size` as the configured mode finds it (`require`: made now if missing), and
+/// its restore prepared ([`Vm::prepare_restore`]). Blocking.
+fn prepare_restore(
+    config: &Arc<Config>,
+    size: VmSize,
+    runtime: tokio::runtime::Handle,
+) -> Result<Option<(Template, Prepared)>, SandboxError> {
+    let t = Instant::now();
+    let found = match config.template.mode {
+        TemplateMode::Off => None,
+        TemplateMode::Auto => {
+            let inputs = template::inputs(config, size)?;
+            let found = template::store(config)?
+                .find(&inputs)
+                .map_err(|e| SandboxError::Template(error_chain(&e)))?;
+            if found.is_none() {
+                info!(
+                    "no template {} ({} vCPUs, {} MiB) yet: a cold boot",
+                    inputs.key(),
+                    size.vcpus,
+                    size.memory_mib
+                );
+            }
+            found
+        }
+        TemplateMode::Require => template::get_or_make(config, size, true, runtime)?,
+    };
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let pages = if config.template.map_ahead {
+        TemplatePages::MapAhead
+    } else {
+        TemplatePages::OnTouch
+    };
+    let restore =
+        Vm::prepare_restore(&found.dir, pages).map_err(|e| SandboxError::Vm(error_chain(&e)))?;
+    let took = t.elapsed();
+    Ok(Some((found, Prepared { restore, took })))
+}
+
 impl Sandbox {
     /// Starts sandbox `id` for its first container, whose spec is `spec`.
     pub async fn start(
@@ -469,44 +522,19 @@ impl Sandbox {
         split.rootfs = t.elapsed();
 
         let t = Instant::now();
-        let template = match config.template.mode {
-            TemplateMode::Off => None,
-            TemplateMode::Auto => {
-                let c = config.clone();
-                blocking(move || {
-                    let inputs = template::inputs(&c, size)?;
-                    let found = template::store(&c)?
-                        .find(&inputs)
-                        .map_err(|e| SandboxError::Template(error_chain(&e)))?;
-                    if found.is_none() {
-                        info!(
-                            "no template {} ({} vCPUs, {} MiB) yet: a cold boot",
-                            inputs.key(),
-                            size.vcpus,
-                            size.memory_mib
-                        );
-                    }
-                    Ok(found)
-                })
-                .await?
-            }
-            TemplateMode::Require => {
-                let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
-                blocking(move || template::get_or_make(&c, size, true, rt)).await?
-            }
-        };
+        let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
+        let template = blocking(move || prepare_restore(&c, size, rt)).await?;
+        if let Some((_, p)) = &template {
+            split.prepare = p.took;
+        }
         let vm = vm_config(config, dir, console, &rootfs, size);
         held.rootfs = Some(rootfs);
         let vm = vm?;
         split.from_template = template.is_some();
         let handle = blocking(move || {
-            let vm = match &template {
-                Some(t) => Vm::restore(RestoreSpec {
-                    snapshot: t.dir.clone(),
-                    serial: vm.serial,
-                    devices: vm.devices,
-                }),
-                None => Vm::new(vm),
+            let (template, vm) = match template {
+                Some((t, p)) => (Some(t), p.restore.finish(vm.serial, vm.devices)),
+                None => (None, Vm::new(vm)),
             };
             let handle = vm
                 .and_then(|vm| vm.start())
