@@ -156,9 +156,9 @@ pub struct TemplateConfig {
     /// already or holds templates; 0: no mount, `dir` as it is.
     pub store_mib: u64,
     /// Map the template's pages into a restoring sandbox's page tables while its restore is
-    /// prepared, not as its guest first touches them:
-    /// nothing is copied and holes stay holes, but each clone's RSS counts every template page.
-    /// Measured in the nested testbed: the first round trip to the agent ~60 ms sooner.
+    /// prepared, not as its guest first touches them: nothing is copied and holes stay holes,
+    /// but each clone's RSS counts every template page. Measured in the nested testbed: the
+    /// first vsock connection to the agent ~55 ms sooner (173 against 118 ms).
     pub map_ahead: bool,
 }
 

@@ -400,12 +400,26 @@ fn restored(dir: &std::path::Path) -> Guest {
         serial: SerialOutput::Writer(Box::new(console.clone())),
         devices: Vec::new(),
     };
-    let handle = Vm::restore(spec).unwrap().start().unwrap();
+    running(Vm::restore(spec).unwrap(), console)
+}
+
+/// `vm` running, its console on `console`.
+fn running(vm: Vm, console: ConsoleBuffer) -> Guest {
     Guest {
-        handle,
+        handle: vm.start().unwrap(),
         console,
         _kernel: tempfile::NamedTempFile::new().unwrap(),
     }
+}
+
+/// Resumes and stops a paused restored guest: it ends as asked, and without printing (a
+/// rebooted payload would print again).
+fn stop_restored(g: Guest) {
+    g.handle.resume().unwrap();
+    g.handle.shutdown();
+    let (exit, out) = wait(g);
+    assert_eq!(exit, VmExit::HostRequest);
+    assert_eq!(out, b"", "a restored VM does not start over");
 }
 
 /// How many of this process's mappings map `file`.
@@ -476,12 +490,7 @@ fn a_snapshot_restores_into_vms_that_go_on_apart() {
         "the template file never changes"
     );
     for g in [a, b] {
-        g.handle.resume().unwrap();
-        g.handle.shutdown();
-        let (exit, out) = wait(g);
-        assert_eq!(exit, VmExit::HostRequest);
-        // They went on: a rebooted payload would have printed again.
-        assert_eq!(out, b"", "a restored VM does not start over");
+        stop_restored(g);
     }
     assert_eq!(mappings_of(&memory), 0);
     assert_eq!(
@@ -511,11 +520,12 @@ fn a_prepared_restore_finishes_or_leaves_nothing() {
     let Some(_g) = kvm_or_skip("a_prepared_restore_finishes_or_leaves_nothing") else {
         return;
     };
+    // Before the template's source VM: its threads may still be ending once it is waited for.
+    let before = footprint();
     let template = counting_template();
     let memory = template.path().join(vmm::snapshot::MEMORY_FILE);
     let counted = count_in(template.path());
 
-    let before = footprint();
     let dropped = Vm::prepare_restore(template.path(), vmm::TemplatePages::OnTouch).unwrap();
     let kept = Vm::prepare_restore(template.path(), vmm::TemplatePages::MapAhead).unwrap();
     assert_eq!(kept.snapshot_dir(), template.path());
@@ -528,29 +538,19 @@ fn a_prepared_restore_finishes_or_leaves_nothing() {
     assert_eq!(mappings_of(&memory), 1, "a dropped one unmaps it");
 
     let console = ConsoleBuffer::default();
-    let handle = kept
+    let vm = kept
         .finish(SerialOutput::Writer(Box::new(console.clone())), Vec::new())
-        .unwrap()
-        .start()
         .unwrap();
+    let g = running(vm, console);
     std::thread::sleep(Duration::from_millis(200));
-    handle.pause().unwrap();
+    g.handle.pause().unwrap();
     let snap = tempfile::tempdir().unwrap();
-    handle.snapshot(snap.path()).unwrap();
+    g.handle.snapshot(snap.path()).unwrap();
     assert!(
         count_in(snap.path()) > counted,
         "the finished restore went on counting from the template's {counted}"
     );
-    handle.resume().unwrap();
-    let g = Guest {
-        handle,
-        console,
-        _kernel: tempfile::NamedTempFile::new().unwrap(),
-    };
-    g.handle.shutdown();
-    let (exit, out) = wait(g);
-    assert_eq!(exit, VmExit::HostRequest);
-    assert_eq!(out, b"", "a restored VM does not start over");
+    stop_restored(g);
     assert_eq!(mappings_of(&memory), 0);
     assert_eq!(
         footprint_after(&before),
@@ -572,6 +572,8 @@ fn a_bad_snapshot_is_refused_by_name() {
         return;
     };
     let template = tempfile::tempdir().unwrap();
+    // Before the source VM: its threads may still be ending once it is waited for.
+    let before = footprint();
     let source = boot(&counting_payload(), 2);
     std::thread::sleep(Duration::from_millis(100));
     source.handle.pause().unwrap();
@@ -586,7 +588,6 @@ fn a_bad_snapshot_is_refused_by_name() {
     source.handle.shutdown();
     wait(source);
 
-    let before = footprint();
     let attempt = |dir: &std::path::Path, devices: Vec<vmm::config::VirtioDeviceHandle>| {
         let spec = vmm::RestoreSpec {
             snapshot: dir.to_owned(),
