@@ -660,6 +660,7 @@ impl Containerd {
                 cd.set_template_mode(&mode)?;
             }
         }
+        let configured = started.elapsed();
         cd.spawn(&config_path)?;
         cd.wait_ready()?;
         let ready = started.elapsed();
@@ -691,9 +692,10 @@ impl Containerd {
             ])?;
         }
         eprintln!(
-            "containerd in {}: images built in {:.1} s, answering at {:.1} s, images imported at {:.1} s",
+            "containerd in {}: images built in {:.1} s, rund set up at {:.1} s, answering at {:.1} s, images imported at {:.1} s",
             cd.path.display(),
             built.as_secs_f64(),
+            configured.as_secs_f64(),
             ready.as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
