@@ -110,8 +110,9 @@ pub struct StartSplit {
     pub answer_tries: u32,
     /// Of `agent`: a restored guest's `SetGuestIdentity`.
     pub identity: Duration,
-    /// Of `vm`: finding the template and preparing its restore (reading the snapshot, mapping
-    /// its memory, making the KVM VM).
+    /// Finding the template and preparing its restore (reading the snapshot, mapping its
+    /// memory, making the KVM VM), beside `cgroup` and `rootfs`: what is left of it once they
+    /// are done is in `vm`.
     pub prepare: Duration,
     /// The VM was restored from a template (then `vm` is the restore).
     pub from_template: bool,
@@ -220,9 +221,14 @@ fn readable(what: &'static str, path: &Path) -> Result<(), SandboxError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
 ) -> Result<T, SandboxError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SandboxError::Join(e.to_string()))?
+    joined(tokio::task::spawn_blocking(f)).await
+}
+
+/// The result of a blocking step started earlier.
+async fn joined<T>(
+    task: tokio::task::JoinHandle<Result<T, SandboxError>>,
+) -> Result<T, SandboxError> {
+    task.await.map_err(|e| SandboxError::Join(e.to_string()))?
 }
 
 /// The platform's cgroup parent: only a CRI pod sandbox has one (plain `ctr run` specs carry
@@ -492,6 +498,13 @@ impl Sandbox {
         readable("guest initramfs", &config.guest.initramfs)?;
         vmm::host_check::check_host()?;
 
+        // The restore's first half needs none of the cgroup and rootfs steps: it runs beside them.
+        // What it allocates in the kernel (the KVM VM, page tables of the mapped template) is
+        // charged to the shim's cgroup of before the move (tens of KiB of page tables); the
+        // guest's own pages come later, in the sandbox's cgroup.
+        let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
+        let preparing = tokio::task::spawn_blocking(move || prepare_restore(&c, size, rt));
+
         let t = Instant::now();
         if config.cgroup_pool.enabled {
             let pod = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
@@ -522,8 +535,7 @@ impl Sandbox {
         split.rootfs = t.elapsed();
 
         let t = Instant::now();
-        let (c, rt) = (config.clone(), tokio::runtime::Handle::current());
-        let template = blocking(move || prepare_restore(&c, size, rt)).await?;
+        let template = joined(preparing).await?;
         if let Some((_, p)) = &template {
             split.prepare = p.took;
         }
