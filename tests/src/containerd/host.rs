@@ -114,7 +114,9 @@ pub fn kill_process(pid: i32) -> io::Result<()> {
 /// guest RAM: rund's VMM maps guest RAM `MADV_DONTDUMP` (`dd` in smaps' VmFlags), anonymous for a
 /// cold boot and a snapshot's memory file for a restore; no other such mapping of a shim has the
 /// flag. Of guest RAM mapped from a template's file: what is resident, and what the guest wrote
-/// (its private copies, smaps' `Anonymous`).
+/// (its private copies, smaps' `Anonymous`), and how much of it is mapped 2 MiB at a time (then
+/// the guest, too, can map it in 2 MiB pages): `ShmemPmdMapped` for a template on tmpfs, as the
+/// store is, `FilePmdMapped` for one on another filesystem.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessMemory {
     pub rss_kib: u64,
@@ -125,6 +127,7 @@ pub struct ProcessMemory {
     pub guest_ram_uss_kib: u64,
     pub template_rss_kib: u64,
     pub template_copied_kib: u64,
+    pub template_pmd_mapped_kib: u64,
 }
 
 impl ProcessMemory {
@@ -145,6 +148,7 @@ impl ProcessMemory {
                 if matches!(map.pathname, procfs::process::MMapPath::Path(_)) {
                     m.template_rss_kib += rss;
                     m.template_copied_kib += kib("Anonymous");
+                    m.template_pmd_mapped_kib += kib("ShmemPmdMapped") + kib("FilePmdMapped");
                 }
             }
         }
@@ -201,7 +205,7 @@ mod tests {
                      VmFlags: rd mr pf io de dd\n\
                      7f80-7f90 rw-p 00000000 00:2a 7 /run/rund/templates/k/memory\n\
                      Rss: 16 kB\nPss: 4 kB\nShared_Clean: 12 kB\nPrivate_Dirty: 4 kB\n\
-                     Anonymous: 4 kB\nVmFlags: rd wr mr mw me ac dd\n";
+                     Anonymous: 4 kB\nShmemPmdMapped: 8 kB\nVmFlags: rd wr mr mw me ac dd\n";
         let maps = MemoryMaps::from_buf_read(smaps.as_bytes()).unwrap();
         let m = ProcessMemory::from_maps(&maps);
         assert_eq!(
@@ -215,6 +219,7 @@ mod tests {
                 guest_ram_uss_kib: 4,
                 template_rss_kib: 16,
                 template_copied_kib: 4,
+                template_pmd_mapped_kib: 8,
             }
         );
         assert_eq!(m.own_pss_kib(), 14);
