@@ -331,13 +331,10 @@ fn template_sharing(cd: &Containerd, clones: &[ProcessMemory]) -> Result<(), Str
         return Err("the template's memory_bytes is unknown".into());
     }
     let n = clones.len().max(1) as f64;
-    let copied = clones.iter().map(|m| m.template_copied_kib).sum::<u64>() as f64 / n;
-    let resident = clones.iter().map(|m| m.template_rss_kib).sum::<u64>() as f64 / n;
-    let pmd_mapped = clones
-        .iter()
-        .map(|m| m.template_pmd_mapped_kib)
-        .sum::<u64>() as f64
-        / n;
+    let per_clone = |kib: fn(&ProcessMemory) -> u64| clones.iter().map(kib).sum::<u64>() as f64 / n;
+    let copied = per_clone(|m| m.template_copied_kib);
+    let resident = per_clone(|m| m.template_rss_kib);
+    let pmd_mapped = per_clone(|m| m.template_pmd_mapped_kib);
     let shared = 1.0 - (copied / template_kib as f64).min(1.0);
     println!(
         "  template {} ({:.2} MiB of pages): per clone {:.2} MiB of it resident, {:.2} MiB \
