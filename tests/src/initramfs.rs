@@ -19,6 +19,18 @@ echo \"RUND-MARKER nproc=$(/bin/busybox nproc) $(/bin/busybox grep MemTotal /pro
 ";
 
 /// Where Debian's busybox-static puts its binary.
+/// The start of a busybox init that checks things: the shell's applets, /proc, /sys, /dev and a
+/// /tmp, and `check NAME CMD...`, which prints `RUND-CHECK NAME ok (at Ts)` or `RUND-CHECK NAME
+/// FAIL: <output>` (read back with [`crate::assert_guest_checks`]).
+pub const CHECK_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+check() { n=$1; shift; if "$@" >/tmp/out 2>&1; then echo "RUND-CHECK $n ok (at $(cut -d' ' -f1 /proc/uptime)s)"; else echo "RUND-CHECK $n FAIL: $(head -c 300 /tmp/out)"; fi; }"#;
+
 pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Packs `busybox` and `init` (a script) into an initramfs at `out`.

@@ -65,6 +65,42 @@ impl GuestKernel {
     }
 }
 
+/// Waits until `deadline` for the guest to end; one still running then is described and stopped.
+/// Joins the VMM thread either way (its devices are gone after this). Returns how it ended (`None`:
+/// stopped at the deadline) and a clause for failure messages.
+pub fn wait_or_stop(mut handle: vmm::VmHandle, deadline: Instant) -> (Option<VmExit>, String) {
+    let exit = handle.wait_timeout(deadline.saturating_duration_since(Instant::now()));
+    let report = match &exit {
+        Some(exit) => format!(" (the microVM stopped: {exit})"),
+        None => {
+            let report = format!("\n{}", handle.status_report());
+            handle.shutdown();
+            report
+        }
+    };
+    handle.wait();
+    (exit, report)
+}
+
+/// Checks a guest's `RUND-CHECK <name> ok|FAIL ...` console lines: each of `want` exactly once,
+/// each ok, and no other.
+pub fn assert_guest_checks(test: &str, console: &str, want: &[&str]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for line in console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RUND-CHECK "))
+    {
+        let (name, rest) = line.split_once(' ').unwrap_or((line, ""));
+        assert!(
+            rest.split_whitespace().next() == Some("ok"),
+            "{test}: check {name}: {rest}"
+        );
+        assert!(seen.insert(name), "{test}: {name} reported twice");
+    }
+    let want = want.iter().copied().collect();
+    assert_eq!(seen, want, "{test}: the guest's checks");
+}
+
 /// Whether a missing prerequisite fails the test rather than skipping it.
 pub fn guest_tests_required() -> bool {
     std::env::var("RUND_REQUIRE_GUEST_TESTS").is_ok_and(|v| v == "1")

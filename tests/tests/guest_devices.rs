@@ -5,7 +5,6 @@
 //! byte by both ends. Afterwards the host checks what the guest wrote reached its files, and that
 //! nothing outside the shares was reached. Needs a KVM that runs Linux guests (the testbed).
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rund_tests::initramfs::{Initramfs, BUSYBOX};
+use rund_tests::initramfs::{Initramfs, BUSYBOX, CHECK_INIT};
 use rund_tests::{require_guest, stream, GuestKernel, MarkerConsole, GUEST_CMDLINE};
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
@@ -81,14 +80,7 @@ const CHECKS: &[&str] = &[
 
 fn init_script(bytes: u64) -> String {
     format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-check() {{ n=$1; shift; if "$@" >/tmp/out 2>&1; then echo "RUND-CHECK $n ok (at $(cut -d' ' -f1 /proc/uptime)s)"; else echo "RUND-CHECK $n FAIL: $(head -c 300 /tmp/out)"; fi; }}
+        r#"{CHECK_INIT}
 refused() {{ ! "$@"; }}
 nosecret() {{ ! "$@" 2>/dev/null | grep -q {SECRET}; }}
 
@@ -332,7 +324,7 @@ fn devices_serve_the_linux_drivers() {
     let guest_streams = serve_guest_streams(host_listener);
     let start = Instant::now();
     let deadline = start + TIMEOUT;
-    let mut handle = Vm::new(config).unwrap().start().unwrap();
+    let handle = Vm::new(config).unwrap().start().unwrap();
 
     let ready = wait_for(&console, "RUND-VSOCK-READY", deadline, &handle);
     let mut host_streams = Vec::new();
@@ -349,18 +341,8 @@ fn devices_serve_the_linux_drivers() {
         .map(|t| t.join().unwrap_or_else(|_| Err("panicked".into())))
         .collect();
     let vsock_done = Instant::now();
-    let exit = handle.wait_timeout(deadline.saturating_duration_since(Instant::now()));
-    // A guest still running at the deadline is described before it is stopped.
-    let report = match &exit {
-        Some(exit) => format!(" (the microVM stopped: {exit})"),
-        None => {
-            let report = format!("\n{}", handle.status_report());
-            handle.shutdown();
-            report
-        }
-    };
-    // Joins the VMM thread: devices (and the vsock socket file) are gone after this.
-    handle.wait();
+    // Devices (and the vsock socket file) are gone after this.
+    let (exit, report) = rund_tests::wait_or_stop(handle, deadline);
     let text = console.text();
     assert!(
         ready,
@@ -373,23 +355,7 @@ fn devices_serve_the_linux_drivers() {
     );
 
     // Each check exactly once, each ok.
-    let mut seen = BTreeSet::new();
-    for line in text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("RUND-CHECK "))
-    {
-        let (name, rest) = line.split_once(' ').unwrap_or((line, ""));
-        assert!(
-            rest.split_whitespace().next() == Some("ok"),
-            "{test}: check {name}: {rest}"
-        );
-        assert!(
-            seen.insert(name.to_string()),
-            "{test}: {name} reported twice"
-        );
-    }
-    let want: BTreeSet<String> = CHECKS.iter().map(|s| s.to_string()).collect();
-    assert_eq!(seen, want, "{test}: the guest's checks");
+    rund_tests::assert_guest_checks(test, &text, CHECKS);
 
     // Both directions, every stream whole.
     for r in &host_results {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use vmm::config::VirtioDeviceHandle;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::net::{MacAddr, Net, NetConfig, Tap};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::host_check::check_host;
 use vmm::{error_chain, SerialOutput, Vm, VmConfig, VmExit};
@@ -73,6 +74,10 @@ struct RunArgs {
     /// `CONNECT P`; the guest reaches host port P at the unix socket PATH_P. CID defaults to 3.
     #[arg(long = "vsock", value_name = "PATH[,cid=N]")]
     vsock: Option<String>,
+    /// A virtio-net NIC on tap TAP (made if missing, in this process's network namespace), with
+    /// MAC (default 02:00:00:00:00:02) and MTU (default 1500). Repeatable: eth0, eth1, ...
+    #[arg(long = "net", value_name = "TAP[,mac=MAC][,mtu=N]")]
+    net: Vec<String>,
     /// Stop a guest still running after SECS seconds, and say where its vCPUs and devices were
     /// (exit 1). Without it the guest runs until it ends.
     #[arg(long, value_name = "SECS")]
@@ -159,6 +164,44 @@ fn vsock_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
     Ok(Arc::new(Mutex::new(dev)))
 }
 
+/// `--net`'s MAC when none is given: locally administered, unicast.
+const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x02]);
+
+/// `TAP[,mac=MAC][,mtu=N]`.
+fn parse_net(spec: &str) -> Result<(String, NetConfig), String> {
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("--net {spec:?}: the tap's name comes first"))?;
+    let mut config = NetConfig {
+        mac: DEFAULT_MAC,
+        mtu: 1500,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", mac)) => {
+                config.mac = mac.parse().map_err(|e| format!("--net {spec:?}: {e}"))?
+            }
+            Some(("mtu", mtu)) => {
+                config.mtu = mtu
+                    .parse()
+                    .map_err(|_| format!("--net {spec:?}: mtu={mtu} is not a number"))?
+            }
+            _ => return Err(format!("--net {spec:?}: unknown option {opt:?}")),
+        }
+    }
+    Ok((tap.to_owned(), config))
+}
+
+fn net_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
+    let (tap, config) = parse_net(spec)?;
+    let tap = Tap::open(&tap).map_err(|e| format!("--net {spec:?}: {}", error_chain(&e)))?;
+    let dev =
+        Net::new(Some(tap), config).map_err(|e| format!("--net {spec:?}: {}", error_chain(&e)))?;
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
 /// `FILE` or `FILE,ro` (a path that itself ends in ",ro" cannot be given).
 fn block_device(spec: &str) -> Result<VirtioDeviceHandle, String> {
     let (path, ro) = match spec.strip_suffix(",ro") {
@@ -186,11 +229,16 @@ fn run(args: RunArgs) -> Result<VmExit, String> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.serial = serial_output(&args.serial);
-    // Slots in this order: disks (vda, vdb, ...), shares, then vsock.
+    // Slots in this order: disks (vda, vdb, ...), shares, vsock, then NICs.
     let blk = args.blk.iter().map(|spec| block_device(spec));
     let fs = args.fs.iter().map(|spec| fs_device(spec));
     let vsock = args.vsock.iter().map(|spec| vsock_device(spec));
-    config.devices = blk.chain(fs).chain(vsock).collect::<Result<_, _>>()?;
+    let net = args.net.iter().map(|spec| net_device(spec));
+    config.devices = blk
+        .chain(fs)
+        .chain(vsock)
+        .chain(net)
+        .collect::<Result<_, _>>()?;
     let vm = Vm::new(config).map_err(|e| error_chain(&e))?;
     let mut handle = vm.start().map_err(|e| error_chain(&e))?;
     let Some(secs) = args.timeout else {
@@ -288,5 +336,25 @@ mod tests {
         assert!(parse_vsock(",cid=4")
             .unwrap_err()
             .contains("path is missing"));
+    }
+
+    #[test]
+    fn net_specs_parse() {
+        let (tap, c) = parse_net("tap0").unwrap();
+        assert_eq!((tap.as_str(), c.mac, c.mtu), ("tap0", DEFAULT_MAC, 1500));
+        let (_, c) = parse_net("tap1,mac=02:aa:bb:cc:dd:ee,mtu=9000").unwrap();
+        assert_eq!(c.mac, MacAddr([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        assert_eq!(c.mtu, 9000);
+        assert!(parse_net(",mtu=1500").unwrap_err().contains("tap's name"));
+        assert!(parse_net("tap0,mtu=big").unwrap_err().contains("mtu=big"));
+        assert!(parse_net("tap0,mac=zz").unwrap_err().contains("zz"));
+        assert!(parse_net("tap0,bridge=br0")
+            .unwrap_err()
+            .contains("bridge=br0"));
+        let bad_name = net_device("no/slash").err().unwrap();
+        assert!(
+            bad_name.contains("not a valid interface name"),
+            "{bad_name}"
+        );
     }
 }

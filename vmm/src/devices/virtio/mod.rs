@@ -10,6 +10,7 @@ pub mod block;
 pub mod common;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod segments;
 #[cfg(test)]
 pub(crate) mod test_utils;

@@ -15,11 +15,11 @@ use std::io;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestMemory, ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestMemory, ReadVolatile, WriteVolatile};
 
 use super::{HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 pub use crate::devices::virtio::segments::Segment;
-use crate::devices::virtio::segments::{gather, sub_stream};
+use crate::devices::virtio::segments::{gather, scatter, sub_stream, walk_chain, ChainError};
 use crate::memory::GuestRamMap;
 
 /// Size of `struct virtio_vsock_hdr` (packed).
@@ -28,26 +28,9 @@ pub const HDR_SIZE: usize = 44;
 /// Why a chain is not a usable packet or buffer; the chain is then returned unused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
-    /// A chain without descriptors.
-    #[error("empty descriptor chain")]
-    EmptyChain,
-    /// More descriptors than the queue has entries (a loop, or an indirect table too long).
-    #[error("descriptor chain longer than the queue ({0})")]
-    TooLong(u16),
-    /// The last descriptor still says NEXT (its next index is outside the table).
-    #[error("descriptor chain does not end")]
-    UnterminatedChain,
-    /// A device-writable descriptor in a TX chain, or a device-readable one in an RX chain.
-    #[error("descriptor of the wrong direction")]
-    WrongDirection,
-    /// A descriptor outside guest memory.
-    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory {
-        /// Guest address.
-        addr: u64,
-        /// Length.
-        len: u32,
-    },
+    /// The descriptors themselves.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// Fewer than 44 bytes for the header.
     #[error("{0} bytes are too few for a packet header")]
     ShortHeader(u64),
@@ -163,55 +146,6 @@ impl Header {
     }
 }
 
-/// Walks a chain into checked segments of one direction (`writable`), with their total length.
-fn segments<M>(
-    chain: &mut DescriptorChain<M>,
-    queue_size: u16,
-    writable: bool,
-) -> Result<(Vec<Segment>, u64), PacketError>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
-    // The iterator stops after `queue_size` descriptors of one table, so a loop ends; an indirect
-    // table restarts that count, so the total is bounded here as well.
-    let mut descs = Vec::new();
-    let mut last_has_next = false;
-    for d in chain.by_ref() {
-        if descs.len() == usize::from(queue_size) {
-            return Err(PacketError::TooLong(queue_size));
-        }
-        last_has_next = d.has_next();
-        descs.push((d.addr(), d.len(), d.is_write_only()));
-    }
-    if descs.is_empty() {
-        return Err(PacketError::EmptyChain);
-    }
-    if last_has_next {
-        return Err(PacketError::UnterminatedChain);
-    }
-    let mem = chain.memory();
-    let mut segs = Vec::with_capacity(descs.len());
-    let mut total = 0u64;
-    for (addr, len, write) in descs {
-        if write != writable {
-            return Err(PacketError::WrongDirection);
-        }
-        if len == 0 {
-            continue;
-        }
-        if !mem.check_range(addr, len as usize) {
-            return Err(PacketError::OutsideMemory {
-                addr: addr.raw_value(),
-                len,
-            });
-        }
-        segs.push(Segment { addr, len });
-        total += u64::from(len);
-    }
-    Ok((segs, total))
-}
-
 /// A packet from the guest's TX queue: its header and where its payload lies.
 #[derive(Debug)]
 pub struct TxPacket {
@@ -233,7 +167,7 @@ impl TxPacket {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let (segs, total) = segments(&mut chain, queue_size, false)?;
+        let (segs, total) = walk_chain(&mut chain, queue_size, false)?;
         if total < HDR_SIZE as u64 {
             return Err(PacketError::ShortHeader(total));
         }
@@ -327,7 +261,7 @@ impl RxBuffer {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let (segs, total) = segments(&mut chain, queue_size, true)?;
+        let (segs, total) = walk_chain(&mut chain, queue_size, true)?;
         if total <= HDR_SIZE as u64 {
             return Err(PacketError::ShortHeader(total));
         }
@@ -354,14 +288,7 @@ impl RxBuffer {
     }
 
     fn write_at(&self, mem: &GuestRamMap, skip: u64, bytes: &[u8]) -> Result<(), PacketError> {
-        let mut at = 0;
-        for s in sub_stream(&self.segs, skip, bytes.len() as u64) {
-            let n = s.len as usize;
-            mem.write_slice(&bytes[at..at + n], s.addr)
-                .map_err(|_| PacketError::Memory)?;
-            at += n;
-        }
-        if at == bytes.len() {
+        if scatter(mem, &self.segs, skip, bytes) {
             Ok(())
         } else {
             Err(PacketError::Memory)
