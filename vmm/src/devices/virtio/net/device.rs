@@ -258,7 +258,12 @@ impl Net {
             if *rx_len == 0 {
                 match tap.read_frame(rx_frame) {
                     Ok(n) if n >= HDR_LEN => *rx_len = n,
-                    Ok(_) => continue,
+                    // No frame (a detached tap): nothing more to read now.
+                    Ok(0) => break,
+                    Ok(_) => {
+                        counters.rx_dropped += 1;
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
