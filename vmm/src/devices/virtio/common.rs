@@ -205,6 +205,17 @@ impl VirtioCommon {
         self.active.as_mut()
     }
 
+    /// A device's own saved state, parsed, for a restore into this device (refused while it is
+    /// active).
+    pub fn saved_state<T: serde::de::DeserializeOwned>(
+        &self,
+        state: &serde_json::Value,
+    ) -> Result<T, DeviceStateError> {
+        let saved = serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
+        self.ensure_inactive()?;
+        Ok(saved)
+    }
+
     /// Refuses a state restore into an active device.
     pub fn ensure_inactive(&self) -> Result<(), DeviceStateError> {
         match self.active {

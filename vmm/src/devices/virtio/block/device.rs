@@ -330,9 +330,7 @@ impl VirtioDevice for Block {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
-        let saved: BlockState =
-            serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        self.common.ensure_inactive()?;
+        let saved: BlockState = self.common.saved_state(state)?;
         // The disk behind a restored guest must be the one it saw: same size, same mode, same
         // features; the transport puts back the acked features and queues.
         if saved.read_only != self.disk.read_only() {

@@ -435,9 +435,7 @@ impl VirtioDevice for Fs {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
-        let saved: FsState =
-            serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        self.common.ensure_inactive()?;
+        let saved: FsState = self.common.saved_state(state)?;
         let now = self.state();
         let fits = saved.tag == now.tag
             && saved.read_only == now.read_only

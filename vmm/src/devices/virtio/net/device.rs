@@ -482,9 +482,7 @@ impl VirtioDevice for Net {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
-        let saved: NetState =
-            serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        self.common.ensure_inactive()?;
+        let saved: NetState = self.common.saved_state(state)?;
         let avail_features = self.common.avail_features();
         if saved.avail_features != avail_features {
             return Err(DeviceStateError::Mismatch(format!(

@@ -282,9 +282,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), DeviceStateError> {
-        let saved: VsockState =
-            serde_json::from_value(state.clone()).map_err(DeviceStateError::Format)?;
-        self.common.ensure_inactive()?;
+        let saved: VsockState = self.common.saved_state(state)?;
         saved.check_fits(self.guest_cid(), self.common.avail_features())?;
         self.reset_on_restore = saved.guest_connections != Some(0);
         Ok(())
