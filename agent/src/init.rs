@@ -228,7 +228,6 @@ pub fn setup(cgroup_v1: bool) -> Result<(), InitError> {
                 .map_err(|e| InitError::Io("enabling cgroup controllers".into(), e))?;
         }
     }
-    // The loopback interface is not needed: containers get their own network namespace.
     Ok(())
 }
 

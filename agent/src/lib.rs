@@ -20,6 +20,7 @@ pub mod cwd;
 pub mod executor;
 pub mod identity;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod registry;
 pub mod rpc;

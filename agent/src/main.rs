@@ -91,6 +91,14 @@ fn run(args: Args, pid1: bool) -> Result<(), String> {
         let reaper = Reaper::start().map_err(|e| chain(&e))?;
         let agent = Agent::new(&args.state_dir, reaper).map_err(|e| chain(&e))?;
         agent.spawn_oom_watcher();
+        if pid1 {
+            // Two containers of a pod meet on localhost; the VM's namespace is the pod's.
+            let lo = match agent::network::Network::connect() {
+                Ok(net) => net.loopback_up().await,
+                Err(e) => Err(e),
+            };
+            lo.map_err(|e| chain(&e))?;
+        }
         let mut server = server::serve(agent, &listen).await.map_err(|e| chain(&e))?;
         log(&format!("serving on {listen:?}"));
         wait_for_stop(pid1).await;

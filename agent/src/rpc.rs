@@ -18,6 +18,7 @@ use ttrpc::Code;
 
 use crate::container::{self, ChildStdio, ContainerError, Runtime};
 use crate::identity::{self, IdentityError};
+use crate::network::{self, Network, NetworkError};
 use crate::reaper::Reaper;
 use crate::registry::{ContainerEntry, ProcessEntry, Registry, RegistryError};
 use crate::stdio::{self, Stdio, StdioError};
@@ -107,6 +108,17 @@ impl From<IdentityError> for RpcError {
             IdentityError::SeedTooLarge(_)
             | IdentityError::Hostname(_)
             | IdentityError::Clock(..) => Code::INVALID_ARGUMENT,
+            _ => Code::INTERNAL,
+        };
+        Self::from_err(code, &e)
+    }
+}
+
+impl From<NetworkError> for RpcError {
+    fn from(e: NetworkError) -> Self {
+        let code = match e {
+            NetworkError::Invalid { .. } | NetworkError::TooMany { .. } => Code::INVALID_ARGUMENT,
+            NetworkError::NoSuchNic(_) | NetworkError::NoSuchDevice(_) => Code::NOT_FOUND,
             _ => Code::INTERNAL,
         };
         Self::from_err(code, &e)
@@ -783,6 +795,42 @@ impl AgentService for Agent {
             Ok(())
         })
         .await?;
+        Ok(Empty::new())
+    }
+
+    async fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Empty> {
+        let iface = req.interface.into_option().unwrap_or_default();
+        let spec = network::InterfaceSpec::parse(&iface).map_err(RpcError::from)?;
+        let net = Network::connect().map_err(RpcError::from)?;
+        net.update_interface(&spec).await.map_err(RpcError::from)?;
+        Ok(Empty::new())
+    }
+
+    async fn update_routes(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Empty> {
+        let routes = network::parse_routes(&req.routes).map_err(RpcError::from)?;
+        let net = Network::connect().map_err(RpcError::from)?;
+        net.update_routes(&routes).await.map_err(RpcError::from)?;
+        Ok(Empty::new())
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        _: &TtrpcContext,
+        req: AddARPNeighborsRequest,
+    ) -> ttrpc::Result<Empty> {
+        let neighbors = network::parse_neighbors(&req.neighbors).map_err(RpcError::from)?;
+        let net = Network::connect().map_err(RpcError::from)?;
+        net.add_neighbors(&neighbors)
+            .await
+            .map_err(RpcError::from)?;
         Ok(Empty::new())
     }
 }
