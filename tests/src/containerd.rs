@@ -28,6 +28,7 @@
 //! directory (and containerd's log) after the test for a post-mortem.
 
 pub mod bench;
+pub mod cni;
 pub mod config;
 pub mod host;
 pub mod image;
@@ -1118,6 +1119,36 @@ impl Containerd {
                 )
             })
             .collect())
+    }
+
+    /// Kills the shim serving task `id` with SIGKILL (as the OOM killer or an operator would) and
+    /// waits until containerd has noticed, run the shim's `delete` and forgotten the task.
+    pub fn kill_shim(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        let shim = self
+            .shim_servers()?
+            .into_iter()
+            .find(|p| p.has_arg_pair("-id", id))
+            .ok_or_else(|| ContainerdError::Prerequisite(format!("no shim serves {id}")))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| ContainerdError::Io {
+            what: format!("killing shim {}", shim.pid),
+            source: e.into(),
+        })?;
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while self.tasks(namespace)?.iter().any(|t| t.id == id) {
+            if Instant::now() >= deadline {
+                return Err(ContainerdError::Prerequisite(format!(
+                    "containerd still lists task {id} {COMMAND_TIMEOUT:?} after its shim was \
+                     killed; its log ends with:\n{}",
+                    self.log_tail(40)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
     }
 
     /// Processes whose root directory is under the harness directory: processes of runc

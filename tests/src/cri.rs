@@ -1,7 +1,7 @@
 //! A CRI client for the end-to-end tests: Kubernetes' CRI (`runtime.v1`, the `k8s-cri` crate on
 //! tonic) over containerd's unix socket, with the calls `crictl runp`, `create`, `start`, `exec`,
-//! `stop`/`rm` and `rmp` make, and builders for the pod and container configurations those
-//! tests use (host network: pod networking comes later).
+//! `stop`/`rm`, `inspectp` and `rmp` make, and builders for the pod and container
+//! configurations those tests use (on the host network, or on the pod's own CNI network).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,9 +16,10 @@ use k8s_cri::v1::{
     ExecSyncRequest, ExecSyncResponse, Image, ImageSpec, ImageStatusRequest,
     LinuxContainerResources, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListContainerStatsRequest, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -302,6 +303,24 @@ impl CriClient {
         Ok(())
     }
 
+    /// `PodSandboxStatus` (`crictl inspectp`): the pod's state and network.
+    pub async fn pod_sandbox_status(&mut self, pod_id: &str) -> Result<PodSandboxStatus, CriError> {
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.into(),
+            verbose: false,
+        };
+        self.runtime
+            .pod_sandbox_status(req)
+            .await
+            .map_err(call_error("PodSandboxStatus"))?
+            .into_inner()
+            .status
+            .ok_or(CriError::Missing {
+                call: "PodSandboxStatus",
+                field: "status",
+            })
+    }
+
     /// `RemovePodSandbox` (`crictl rmp`).
     pub async fn remove_pod_sandbox(&mut self, pod_id: &str) -> Result<(), CriError> {
         let req = RemovePodSandboxRequest {
@@ -396,6 +415,28 @@ pub fn host_network_pod_config(name: &str, uid: &str, log_dir: &Path) -> PodSand
         }),
         ..PodSandboxConfig::default()
     }
+}
+
+/// A pod on its own network (`NamespaceOption.network = POD`: containerd makes a network
+/// namespace and runs the CNI plugin in it) with `hostname`, as a kubelet sends a pod of a
+/// Deployment.
+pub fn pod_network_pod_config(
+    name: &str,
+    uid: &str,
+    log_dir: &Path,
+    hostname: &str,
+) -> PodSandboxConfig {
+    let mut config = host_network_pod_config(name, uid, log_dir);
+    config.hostname = hostname.into();
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|c| c.namespace_options.as_mut())
+    {
+        ns.network = NamespaceMode::Pod as i32;
+    }
+    config
 }
 
 /// [`host_network_pod_config`] in the cgroup `parent` (a kubelet's `/kubepods/...` pod cgroup).

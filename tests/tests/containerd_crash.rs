@@ -5,11 +5,8 @@
 //! tests/src/containerd.rs); `RUND_REQUIRE_E2E_TESTS=1` makes a skip a failure.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use rund_tests::containerd::{
-    start_for_test, Runtime, BUSYBOX_IMAGE, COMMAND_TIMEOUT, CTR_NAMESPACE,
-};
+use rund_tests::containerd::{start_for_test, Runtime, BUSYBOX_IMAGE, CTR_NAMESPACE};
 
 /// The cgroup directories a process is in, from /proc/<pid>/cgroup (cgroup v2 and v1 lines).
 fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
@@ -96,26 +93,9 @@ fn killed_shim_leaves_nothing_behind() {
         rund.cgroup_parent
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-
     // containerd notices the dead shim, runs its `delete` and forgets the task.
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    loop {
-        let tasks = cd.tasks(CTR_NAMESPACE).unwrap();
-        if !tasks.iter().any(|t| t.id == id) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{test}: containerd still lists the task: {tasks:?}\n{}",
-            cd.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    cd.kill_shim(CTR_NAMESPACE, &id)
+        .unwrap_or_else(|e| panic!("{test}: {e}"));
     cd.ctr_ok(&["container", "delete", &id]).unwrap();
     cd.wait_until_clean(CTR_NAMESPACE)
         .unwrap_or_else(|e| panic!("{test}: {e}\n{}", cd.log_tail(40)));

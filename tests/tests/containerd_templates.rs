@@ -1,10 +1,10 @@
 //! Sandboxes from templates through containerd, on the node as `rund install` leaves it (the
 //! harness in tests/src/containerd.rs), rund alone (runc has no templates):
 //! - one template restored by ten CRI pods running side by side (pods with a network namespace of
-//!   their own, on a CNI bridge the guests do not use yet, for a hostname of their own): each
-//!   guest has its own hostname, its own randomness (16 bytes of `/dev/urandom` unlike every
-//!   other clone's), a wall clock within 1 s of the host's, and only its own writable layer and
-//!   shares;
+//!   their own on a CNI bridge): each guest has its own hostname, its own randomness (16 bytes of
+//!   `/dev/urandom` unlike every other clone's), a wall clock within 1 s of the host's, only its
+//!   own writable layer and shares, and its own network: the address the CNI gave its pod (as
+//!   PodSandboxStatus reports it) on its NIC, and the bridge's gateway answers its ping;
 //! - a kernel or initramfs that changed is not restored from the template of the old one: the
 //!   sandbox cold-boots and the old template is replaced;
 //! - a `kill -9` of a shim while it restores leaves nothing, and the template still serves;
@@ -17,16 +17,17 @@
 //! tests/tests/containerd_ctr.rs needs.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use k8s_cri::v1::{Mount, NamespaceMode};
+use k8s_cri::v1::Mount;
 use rund_tests::containerd::bench::{start_splits, StartSplit};
+use rund_tests::containerd::cni::PodCni;
 use rund_tests::containerd::{
     start_for_test, Containerd, Runtime, TemplateRow, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
     CRI_NAMESPACE, CTR_NAMESPACE,
 };
-use rund_tests::cri::{container_config, host_network_pod_config, CriClient};
+use rund_tests::cri::{container_config, pod_network_pod_config, CriClient};
 
 const CLONES: usize = 10;
 /// Cold starts at once in `auto` mode (each boots a VM: fewer than the clones).
@@ -122,77 +123,20 @@ struct CloneView {
     host_after_s: u64,
     root: Vec<String>,
     volume: Vec<String>,
-}
-
-/// The CNI configuration a node needs for pods with a network namespace of their own (and so a
-/// hostname of their own): a bridge with host-local addresses, the smallest network containerd's
-/// CRI plugin accepts (it wants the pod's interface to have an address). rund's guests do not use
-/// it yet. Removed on drop, with the bridge and the addresses' records.
-struct PodCni(PathBuf);
-
-impl PodCni {
-    const CONF_DIR: &'static str = "/etc/cni/net.d";
-    const NETWORK: &'static str = "rund-e2e";
-    const BRIDGE: &'static str = "rund-e2e0";
-    /// Debian's containernetworking-plugins puts them there, where Debian's containerd looks.
-    const PLUGIN_DIR: &'static str = "/usr/lib/cni";
-
-    fn install(test: &str) -> Option<PodCni> {
-        let missing: Vec<String> = ["bridge", "host-local", "loopback"]
-            .iter()
-            .map(|p| Path::new(Self::PLUGIN_DIR).join(p))
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
-        if !missing.is_empty() {
-            let why = format!(
-                "{} missing (apt-get install containernetworking-plugins)",
-                missing.join(", ")
-            );
-            if rund_tests::containerd::e2e_required() {
-                panic!("{test}: cannot run: {why}");
-            }
-            eprintln!("skipping {test}: {why}");
-            return None;
-        }
-        std::fs::create_dir_all(Self::CONF_DIR).expect("mkdir /etc/cni/net.d");
-        let path = Path::new(Self::CONF_DIR).join(format!("99-{}.conflist", Self::NETWORK));
-        let conf = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": Self::NETWORK,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": Self::BRIDGE,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": "10.88.77.0/24"}]],
-                    },
-                },
-                {"type": "loopback"},
-            ],
-        });
-        std::fs::write(&path, conf.to_string()).expect("writing the CNI configuration");
-        Some(PodCni(path))
-    }
-}
-
-impl Drop for PodCni {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::process::Command::new("ip")
-            .args(["link", "delete", Self::BRIDGE])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(Self::NETWORK));
-    }
+    /// The CNI's address for the pod (PodSandboxStatus), and the guest NIC's.
+    pod_ip: String,
+    address: String,
+    pong: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_clones_of_one_template_are_each_their_own() {
     let test = "ten_clones_of_one_template_are_each_their_own";
     // Before containerd starts: its CRI plugin reads the CNI configuration then.
-    let Some(_cni) = node_allowed(test).then(|| PodCni::install(test)).flatten() else {
+    let Some(_cni) = rund_tests::containerd::node::allowed(test)
+        .then(|| PodCni::install(test))
+        .flatten()
+    else {
         return;
     };
     let Some(cd) = start(test) else {
@@ -212,22 +156,20 @@ async fn ten_clones_of_one_template_are_each_their_own() {
             std::fs::create_dir_all(d).expect("mkdir");
         }
         std::fs::write(volume.join(format!("only-{i}")), b"x").expect("volume file");
-        let mut pod = host_network_pod_config(&name, &name, &log_dir);
-        pod.hostname = format!("clone-{i}");
-        if let Some(ns) = pod
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-            .and_then(|c| c.namespace_options.as_mut())
-        {
-            ns.network = NamespaceMode::Pod as i32;
-        }
+        let pod = pod_network_pod_config(&name, &name, &log_dir, &format!("clone-{i}"));
         eprintln!("RunPodSandbox clone-{i}");
         let pod_id = cri
             .run_pod_sandbox(&pod, Runtime::Rund.name())
             .await
             .unwrap_or_else(|e| panic!("{test}: clone {i}: {e}"));
         pods.push(pod_id.clone());
+        let pod_ip = cri
+            .pod_sandbox_status(&pod_id)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: clone {i}: {e}"))
+            .network
+            .map(|n| n.ip)
+            .unwrap_or_default();
         let mut c = container_config("main", BUSYBOX_IMAGE, &["sleep", "1000"], "main.log");
         c.mounts = vec![Mount {
             container_path: "/vol".into(),
@@ -243,7 +185,10 @@ async fn ten_clones_of_one_template_are_each_their_own() {
             .unwrap_or_else(|e| panic!("{test}: clone {i}: {e}"));
         let script = format!(
             "hostname; od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'; echo; date +%s; \
-             echo mine > /mine-{i}; ls / | tr '\\n' ' '; echo; ls /vol | tr '\\n' ' '; echo"
+             echo mine > /mine-{i}; ls / | tr '\\n' ' '; echo; ls /vol | tr '\\n' ' '; echo; \
+             ip -o -4 addr show dev eth0 | awk '{{print $4}}'; \
+             ping -c 1 -W 5 {gateway} >/dev/null && echo pong",
+            gateway = PodCni::GATEWAY
         );
         let host_before_s = now_s();
         let exec = cri
@@ -259,7 +204,7 @@ async fn ten_clones_of_one_template_are_each_their_own() {
             String::from_utf8_lossy(&exec.stderr)
         );
         let lines: Vec<&str> = out.lines().collect();
-        let [hostname, random, clock, root, vol] = lines[..] else {
+        let [hostname, random, clock, root, vol, address, pong] = lines[..] else {
             panic!("{test}: clone {i}: unexpected output {out:?}");
         };
         let words = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
@@ -271,6 +216,9 @@ async fn ten_clones_of_one_template_are_each_their_own() {
             host_after_s,
             root: words(root),
             volume: words(vol),
+            pod_ip,
+            address: address.to_owned(),
+            pong: pong.to_owned(),
         });
     }
     for (i, v) in views.iter().enumerate() {
@@ -286,7 +234,12 @@ async fn ten_clones_of_one_template_are_each_their_own() {
         let markers: Vec<&String> = v.root.iter().filter(|n| n.starts_with("mine-")).collect();
         assert_eq!(markers, [&format!("mine-{i}")], "{test}: clone {i}");
         assert_eq!(v.volume, [format!("only-{i}")], "{test}: clone {i}");
+        assert!(!v.pod_ip.is_empty(), "{test}: clone {i}: no pod IP: {v:?}");
+        assert_eq!(v.address, format!("{}/24", v.pod_ip), "{test}: clone {i}");
+        assert_eq!(v.pong, "pong", "{test}: clone {i}");
     }
+    let addresses: HashSet<&str> = views.iter().map(|v| v.address.as_str()).collect();
+    assert_eq!(addresses.len(), CLONES, "{test}: clones share an address");
     let distinct: HashSet<&str> = views.iter().map(|v| v.random.as_str()).collect();
     assert_eq!(distinct.len(), CLONES, "{test}: clones share randomness");
     // Every one of them restored it (a cold start would not have counted).
@@ -304,19 +257,6 @@ async fn ten_clones_of_one_template_are_each_their_own() {
     }
     cd.wait_until_clean(CRI_NAMESPACE)
         .unwrap_or_else(|e| panic!("{test}: {e}"));
-}
-
-/// Whether this test may change the node (`/etc`): the testbed's throw-away root, or a CI
-/// machine that says it is disposable; else it is skipped by `start` anyway.
-fn node_allowed(test: &str) -> bool {
-    match rund_tests::containerd::node::not_allowed() {
-        None => true,
-        Some(why) if rund_tests::containerd::e2e_required() => panic!("{test}: {why}"),
-        Some(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
-    }
 }
 
 /// Kills and removes a container started with `ctr run -d`.

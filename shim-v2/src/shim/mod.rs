@@ -10,6 +10,7 @@
 
 pub mod console;
 pub mod host_cgroup;
+pub mod pod_network;
 pub mod process;
 pub mod record;
 pub mod sandbox;

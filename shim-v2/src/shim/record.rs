@@ -36,6 +36,9 @@ pub struct SandboxRecord {
     /// (field 22 of /proc/<pid>/stat): a pid alone could have been reused.
     pub shim_pid: u32,
     pub shim_start_ticks: u64,
+    /// The pod's network namespace and the interface rund joined in it, once it is joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<super::pod_network::NetworkRecord>,
 }
 
 /// Field 22 of `/proc/<pid>/stat`, `None` when there is no such process.
@@ -55,7 +58,14 @@ impl SandboxRecord {
             sandbox_id: sandbox_id.to_owned(),
             shim_pid: pid,
             shim_start_ticks: ticks,
+            network: None,
         })
+    }
+
+    /// This record, naming the pod's network too.
+    pub fn with_network(mut self, network: super::pod_network::NetworkRecord) -> SandboxRecord {
+        self.network = Some(network);
+        self
     }
 
     /// Writes the record into `dir` (made if missing), atomically.

@@ -17,11 +17,13 @@ use rootfs_split::{RootfsMount, SandboxRootfs, Share, WritableLayer};
 use templates::Template;
 use vmm::devices::virtio::block::Block;
 use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::net::{Net, NetConfig, Tap};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{error_chain, PreparedRestore, SerialOutput, TemplatePages, Vm, VmConfig, VmHandle};
 
 use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
+use super::pod_network::{netns_path, NetworkRecord, PodNetwork, NIC_DEVICE_MAC, NIC_MTU};
 use super::record::SandboxRecord;
 use super::sizing::{vm_size, VmSize};
 use super::spec::guest_spec;
@@ -92,6 +94,8 @@ pub enum SandboxError {
     Join(String),
     #[error("templates: {0}")]
     Template(String),
+    #[error("the pod's network: {0}")]
+    Network(#[from] super::pod_network::PodNetworkError),
 }
 
 /// How long each step of a sandbox's start took.
@@ -116,6 +120,10 @@ pub struct StartSplit {
     pub prepare: Duration,
     /// The VM was restored from a template (then `vm` is the restore).
     pub from_template: bool,
+    /// Joining the pod's network namespace on the host: reading it, the tap, the redirects.
+    pub net: Duration,
+    /// Of `agent`: the guest's side of the pod's network (its NIC, routes, neighbours).
+    pub net_guest: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -125,9 +133,9 @@ fn ms(d: Duration) -> f64 {
 impl StartSplit {
     /// The line ci/bench-start parses: one per sandbox start.
     pub fn log(&self, sandbox_id: &str, container: Duration) {
-        let total = self.cgroup + self.rootfs + self.vm + self.agent + container;
+        let total = self.cgroup + self.rootfs + self.net + self.vm + self.agent + container;
         info!(
-            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} connect_ms={:.1} answer_tries={} identity_ms={:.1} prepare_ms={:.1} restore_ms={:.1} start={}",
+            "rund-start-split sandbox={sandbox_id} cgroup_ms={:.1} rootfs_ms={:.1} vm_ms={:.1} agent_ms={:.1} container_ms={:.1} total_ms={:.1} answer_ms={:.1} connect_ms={:.1} answer_tries={} identity_ms={:.1} prepare_ms={:.1} restore_ms={:.1} net_ms={:.1} net_guest_ms={:.1} start={}",
             ms(self.cgroup),
             ms(self.rootfs),
             ms(self.vm),
@@ -140,6 +148,8 @@ impl StartSplit {
             ms(self.identity),
             ms(self.prepare),
             if self.from_template { ms(self.vm) } else { 0.0 },
+            ms(self.net),
+            ms(self.net_guest),
             if self.from_template { "template" } else { "cold" }
         );
     }
@@ -149,6 +159,8 @@ impl StartSplit {
 struct Held {
     cgroup: Option<HostCgroup>,
     rootfs: Option<SandboxRootfs>,
+    /// The pod's network as joined (its tap is the VM's; the redirects are undone after it).
+    network: Option<NetworkRecord>,
     vm: Option<VmHandle>,
 }
 
@@ -158,6 +170,11 @@ impl Held {
             vm.shutdown();
             let exit = vm.wait();
             debug!("microVM stopped: {exit:?}");
+        }
+        if let Some(network) = self.network.take() {
+            if let Err(e) = network.unwire() {
+                warn!("undoing the pod's network: {}", error_chain(&e));
+            }
         }
         if let Some(rootfs) = self.rootfs.take() {
             if let Err(e) = rootfs.destroy() {
@@ -268,6 +285,7 @@ pub(super) fn vm_config(
     console: &ConsoleTail,
     rootfs: &SandboxRootfs,
     size: VmSize,
+    tap: Option<Tap>,
 ) -> Result<VmConfig, SandboxError> {
     let mut vm = VmConfig::new(&config.guest.kernel);
     vm.initrd = Some(config.guest.initramfs.clone());
@@ -275,7 +293,7 @@ pub(super) fn vm_config(
     vm.vcpus = size.vcpus;
     vm.mem_mib = size.memory_mib;
     vm.serial = serial(config, dir, console)?;
-    vm.devices = sandbox_devices(dir, rootfs)?;
+    vm.devices = sandbox_devices(dir, rootfs, tap)?;
     Ok(vm)
 }
 
@@ -305,10 +323,13 @@ fn serial(
 }
 
 /// A sandbox's devices, in the order its guest knows them (a template's layout too): the
-/// writable layer, the read-only and read-write shares, vsock on `<dir>/vsock`.
+/// writable layer, the read-only and read-write shares, vsock on `<dir>/vsock`, the NIC (on the
+/// pod's tap; without one, as a template's and a pod's without a network namespace, it carries
+/// nothing and the guest leaves it down).
 fn sandbox_devices(
     dir: &Path,
     rootfs: &SandboxRootfs,
+    tap: Option<Tap>,
 ) -> Result<Vec<vmm::config::VirtioDeviceHandle>, SandboxError> {
     let device = |e: &dyn std::fmt::Display| SandboxError::Device(e.to_string());
     let share = |tag: &str, shared_dir: &Path, read_only: bool| {
@@ -341,6 +362,16 @@ fn sandbox_devices(
         )?)),
         Arc::new(Mutex::new(
             Vsock::new(GUEST_CID, &dir.join(VSOCK_SOCKET)).map_err(|e| device(&e))?,
+        )),
+        Arc::new(Mutex::new(
+            Net::new(
+                tap,
+                NetConfig {
+                    mac: NIC_DEVICE_MAC,
+                    mtu: NIC_MTU,
+                },
+            )
+            .map_err(|e| device(&e))?,
         )),
     ])
 }
@@ -394,6 +425,34 @@ pub(super) async fn connect_agent(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Gives the guest's NIC the pod's interface: name, MAC, MTU, addresses, then its routes and
+/// permanent neighbours.
+async fn configure_guest_network(
+    agent: &AgentClient,
+    pod: &PodNetwork,
+    timeout: Duration,
+    guest: impl Fn() -> String,
+) -> Result<(), SandboxError> {
+    let (iface, routes, neighbors) = pod.agent_requests();
+    agent
+        .update_interface(ctx(timeout), &iface)
+        .await
+        .map_err(agent_err("UpdateInterface", &guest))?;
+    if !routes.routes.is_empty() {
+        agent
+            .update_routes(ctx(timeout), &routes)
+            .await
+            .map_err(agent_err("UpdateRoutes", &guest))?;
+    }
+    if !neighbors.neighbors.is_empty() {
+        agent
+            .add_arp_neighbors(ctx(timeout), &neighbors)
+            .await
+            .map_err(agent_err("AddARPNeighbors", &guest))?;
+    }
+    Ok(())
 }
 
 /// A restore made ready before its backends exist.
@@ -459,6 +518,7 @@ impl Sandbox {
         let mut held = Held {
             cgroup: None,
             rootfs: None,
+            network: None,
             vm: None,
         };
         let console = ConsoleTail::new();
@@ -525,6 +585,34 @@ impl Sandbox {
         }
         split.cgroup = t.elapsed();
 
+        // Before the rootfs: a namespace rund cannot join is refused before anything is made.
+        let t = Instant::now();
+        let pod_network = match netns_path(spec) {
+            Some(netns) => {
+                let (d, sid) = (dir.to_owned(), id.to_owned());
+                let (pod, tap) = blocking(move || {
+                    let pod = PodNetwork::discover(&netns)?;
+                    // Recorded before the namespace changes: a `kill -9` from here on is undone
+                    // by `delete`.
+                    SandboxRecord::for_this_process(&sid)
+                        .map(|r| r.with_network(pod.record()))
+                        .and_then(|r| r.write(&d))
+                        .map_err(|e| SandboxError::Record(sid.clone(), e))?;
+                    let tap = pod.wire()?;
+                    Ok((pod, tap))
+                })
+                .await?;
+                held.network = Some(pod.record());
+                Some((pod, tap))
+            }
+            None => None,
+        };
+        let (pod_network, tap) = match pod_network {
+            Some((pod, tap)) => (Some(pod), Some(tap)),
+            None => (None, None),
+        };
+        split.net = t.elapsed();
+
         let t = Instant::now();
         let (c, d, sid) = (config.clone(), dir.to_owned(), id.to_owned());
         let rootfs = blocking(move || {
@@ -539,7 +627,7 @@ impl Sandbox {
         if let Some((_, p)) = &template {
             split.prepare = p.took;
         }
-        let vm = vm_config(config, dir, console, &rootfs, size);
+        let vm = vm_config(config, dir, console, &rootfs, size, tap);
         held.rootfs = Some(rootfs);
         let vm = vm?;
         split.from_template = template.is_some();
@@ -577,6 +665,12 @@ impl Sandbox {
             let t = Instant::now();
             template::set_identity(&agent, &hostname, timeout).await?;
             split.identity = t.elapsed();
+        }
+        if let Some(pod) = &pod_network {
+            let t = Instant::now();
+            configure_guest_network(&agent, pod, timeout, || describe_guest(Some(vm), console))
+                .await?;
+            split.net_guest = t.elapsed();
         }
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = id.to_owned();
@@ -762,10 +856,17 @@ impl Sandbox {
 /// undoes what its record names. Refuses while that shim still runs.
 pub fn cleanup_dead(config: &Config, id: &str) -> Result<bool, String> {
     let dir = config.paths.run_dir.join(id);
-    match SandboxRecord::read(&dir) {
+    let network = match SandboxRecord::read(&dir) {
         Ok(Some(r)) if r.shim_alive() => return Ok(false),
-        Ok(_) => {}
-        Err(e) => warn!("{e}; cleaning up anyway"),
+        Ok(r) => r.and_then(|r| r.network),
+        Err(e) => {
+            warn!("{e}; cleaning up anyway");
+            None
+        }
+    };
+    // Until this succeeds the record stays, so that the next `delete` tries again.
+    if let Some(network) = network {
+        network.unwire().map_err(|e| error_chain(&e))?;
     }
     if dir.exists() {
         SandboxRootfs::cleanup(&dir).map_err(|e| e.to_string())?;

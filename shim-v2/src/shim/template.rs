@@ -101,6 +101,11 @@ pub fn inputs(config: &Config, size: VmSize) -> Result<TemplateInputs, SandboxEr
             format!("fs:{SHARE_RO} ro"),
             format!("fs:{SHARE_RW} rw"),
             "vsock".to_owned(),
+            format!(
+                "net {} mtu {}",
+                super::pod_network::NIC_DEVICE_MAC,
+                super::pod_network::NIC_MTU
+            ),
         ],
     })
 }
@@ -145,7 +150,7 @@ fn snapshot_template_vm(
     let rootfs = SandboxRootfs::create(&work, &id, &layer)?;
     let console = ConsoleTail::new();
     let result = (|| {
-        let vm = vm_config(config, &work, &console, &rootfs, size)?;
+        let vm = vm_config(config, &work, &console, &rootfs, size, None)?;
         let handle = Vm::new(vm)
             .and_then(Vm::start)
             .map_err(|e| SandboxError::Vm(error_chain(&e)))?;

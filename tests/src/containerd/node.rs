@@ -59,6 +59,20 @@ pub fn not_allowed() -> Option<String> {
     }
 }
 
+/// Whether test `test` may change the node (`/etc`, network namespaces): the testbed's throw-away
+/// root, or a machine that says it is disposable; otherwise it is skipped (a reason printed), or
+/// fails where the end-to-end tests are required.
+pub fn allowed(test: &str) -> bool {
+    match not_allowed() {
+        None => true,
+        Some(why) if super::e2e_required() => panic!("{test}: {why}"),
+        Some(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
+
 /// The `rund` binary under test: [`ADMIN_ENV`], else beside `shim`.
 pub fn admin_binary(shim: &Path) -> Result<PathBuf, String> {
     let path = std::env::var_os(ADMIN_ENV)
