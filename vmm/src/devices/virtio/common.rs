@@ -76,6 +76,9 @@ pub struct VirtioCommon {
     retired: Vec<EventFd>,
     /// Whether the active queues' notifiers are registered with the event loop.
     registered: bool,
+    /// The queues are served outside the VMM thread (vhost): their notifiers are not
+    /// registered, so a kick never wakes the VMM thread.
+    external: bool,
 }
 
 impl std::fmt::Debug for VirtioCommon {
@@ -107,6 +110,7 @@ impl VirtioCommon {
             active: None,
             retired: Vec::new(),
             registered: false,
+            external: false,
         })
     }
 
@@ -171,6 +175,12 @@ impl VirtioCommon {
         Ok(())
     }
 
+    /// Whether the next activation's queues are served outside the VMM thread (their notifiers
+    /// then stay out of the event loop).
+    pub fn set_queues_external(&mut self, external: bool) {
+        self.external = external;
+    }
+
     /// The driver reset the device: it stops serving, forgets the queues (their notifiers leave
     /// the event loop) and the accepted features.
     pub fn reset(&mut self) {
@@ -183,8 +193,10 @@ impl VirtioCommon {
             return;
         };
         if self.registered {
-            self.retired
-                .extend(active.queues.into_iter().map(|q| q.notify));
+            if !self.external {
+                self.retired
+                    .extend(active.queues.into_iter().map(|q| q.notify));
+            }
             self.registered = false;
             self.wake_event_loop();
         }
@@ -334,7 +346,7 @@ impl VirtioCommon {
         let Some(active) = self.active.as_ref().filter(|_| !self.registered) else {
             return false;
         };
-        for (i, q) in active.queues.iter().enumerate() {
+        for (i, q) in active.queues.iter().enumerate().filter(|_| !self.external) {
             let events = Events::with_data(&q.notify, i as u32, EventSet::IN);
             if let Err(e) = ops.add(events) {
                 log::error!(

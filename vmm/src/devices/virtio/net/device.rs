@@ -17,6 +17,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::frame::{read_tx, FrameError, RxBuffer};
 use super::tap::Tap;
+use super::vhost::{self, Calls, VhostDataPath};
 use super::{
     features, HDR_LEN, MAX_MTU, MAX_PACKET, MIN_MTU, NET_DEVICE_ID, QUEUE_SIZE, RX_QUEUE,
     STATUS_LINK_UP, TX_QUEUE,
@@ -42,6 +43,8 @@ pub enum NetError {
     /// The control eventfd.
     #[error("network device: cannot create an eventfd")]
     EventFd(#[source] io::Error),
+    #[error("network device")]
+    Vhost(#[source] super::vhost::VhostError),
 }
 
 /// A MAC address.
@@ -132,10 +135,43 @@ pub struct NetCounters {
     pub tx_dropped: u64,
 }
 
+/// Who moves the frames between the tap and the queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPath {
+    /// The kernel's vhost-net (`/dev/vhost-net`).
+    Vhost,
+    /// The VMM thread.
+    UserSpace,
+}
+
+impl DataPath {
+    /// vhost-net where `/dev/vhost-net` opens, said once in the log where it does not.
+    pub fn best() -> DataPath {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        if vhost::available() {
+            return DataPath::Vhost;
+        }
+        SAID.call_once(|| {
+            log::info!(
+                "virtio-net: {} cannot be opened: frames go through the VMM thread",
+                vhost::VHOST_NET_PATH
+            )
+        });
+        DataPath::UserSpace
+    }
+}
+
 /// A virtio-net device over a tap (or over nothing, for a template's NIC).
 #[derive(Debug)]
 pub struct Net {
     tap: Option<Tap>,
+    data_path: DataPath,
+    /// vhost's used-ring eventfds (with [`DataPath::Vhost`]), registered with the VMM thread.
+    calls: Option<Calls>,
+    /// vhost-net serving the active queues.
+    vhost: Option<VhostDataPath>,
+    /// Whether the tap is in the VMM thread's event loop (the user-space path).
+    pub(super) tap_registered: bool,
     config: NetConfig,
     pub(super) common: VirtioCommon,
     /// One frame from the tap, header first; `rx_len` bytes of it wait for buffers.
@@ -155,8 +191,23 @@ enum Delivery {
 }
 
 impl Net {
-    /// A device with `config` over `tap` (none: frames sent are dropped, none arrive).
+    /// A device with `config` over `tap` (none: frames sent are dropped, none arrive), served by
+    /// vhost-net where it can be ([`DataPath::best`]).
     pub fn new(tap: Option<Tap>, config: NetConfig) -> Result<Net, NetError> {
+        let path = if tap.is_some() {
+            DataPath::best()
+        } else {
+            DataPath::UserSpace
+        };
+        Net::with_data_path(tap, config, path)
+    }
+
+    /// [`Net::new`] on `data_path` (vhost-net needs a tap: without one it is the user-space path).
+    pub fn with_data_path(
+        tap: Option<Tap>,
+        config: NetConfig,
+        data_path: DataPath,
+    ) -> Result<Net, NetError> {
         if !(MIN_MTU..=MAX_MTU).contains(&config.mtu) {
             return Err(NetError::Mtu(config.mtu));
         }
@@ -174,8 +225,21 @@ impl Net {
             | features::MRG_RXBUF
             | features::STATUS
             | features::EVENT_IDX;
+        let data_path = if tap.is_some() {
+            data_path
+        } else {
+            DataPath::UserSpace
+        };
+        let calls = match data_path {
+            DataPath::Vhost => Some(Calls::new(2).map_err(NetError::Vhost)?),
+            DataPath::UserSpace => None,
+        };
         Ok(Net {
             tap,
+            data_path,
+            calls,
+            vhost: None,
+            tap_registered: false,
             config,
             common: VirtioCommon::new("virtio-net", &[QUEUE_SIZE, QUEUE_SIZE], avail_features)
                 .map_err(NetError::EventFd)?,
@@ -194,6 +258,21 @@ impl Net {
     /// The tap, if any.
     pub fn tap(&self) -> Option<&Tap> {
         self.tap.as_ref()
+    }
+
+    /// Who moves the frames.
+    pub fn data_path(&self) -> DataPath {
+        self.data_path
+    }
+
+    /// Whether vhost-net serves the active queues now.
+    pub fn on_vhost(&self) -> bool {
+        self.vhost.is_some()
+    }
+
+    /// vhost's used-ring eventfds, for the event loop.
+    pub(super) fn calls(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        self.calls.as_ref().map_or(&[], |c| &c.0[..])
     }
 
     /// Frames and drops so far.
@@ -461,10 +540,44 @@ impl VirtioDevice for Net {
     fn stop_backend(&mut self) {
         // A frame read for the old queues is not the new driver's.
         self.rx_len = 0;
+        self.vhost = None;
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestRamMap,
+        interrupt: std::sync::Arc<crate::devices::virtio::Interrupt>,
+        queues: Vec<crate::devices::virtio::DeviceQueue>,
+    ) -> Result<(), ActivateError> {
+        self.common.check(&queues)?;
+        self.start_backend()?;
+        self.vhost = None;
+        if let (DataPath::Vhost, Some(tap), Some(calls)) = (self.data_path, &self.tap, &self.calls)
+        {
+            match VhostDataPath::start(&mem, &queues, tap, self.common.acked_features(), calls) {
+                Ok(path) => self.vhost = Some(path),
+                Err(e) => {
+                    log::warn!(
+                        "{}; virtio-net falls back to the user-space path",
+                        crate::error_chain(&e)
+                    );
+                    self.data_path = DataPath::UserSpace;
+                }
+            }
+        }
+        self.common.set_queues_external(self.vhost.is_some());
+        self.common.activate(mem, interrupt, queues)
     }
 
     fn report(&self) -> String {
         let c = self.counters;
+        if self.vhost.is_some() {
+            return format!(
+                "{}; tap {}: on vhost-net",
+                self.common.report(),
+                tap_name(&self.tap)
+            );
+        }
         format!(
             "{}; tap {}: rx {} (dropped {}, {} bytes waiting), tx {} (dropped {})",
             self.common.report(),
@@ -478,6 +591,13 @@ impl VirtioDevice for Net {
     }
 
     fn save_state(&self) -> Result<serde_json::Value, DeviceStateError> {
+        // The kernel holds the rings' positions and may write guest memory until detached; a
+        // template's NIC has no tap, so this never meets one.
+        if self.vhost.is_some() {
+            return Err(DeviceStateError::Busy(
+                "virtio-net is served by vhost-net: its queues cannot be saved".into(),
+            ));
+        }
         serde_json::to_value(self.state()).map_err(DeviceStateError::Format)
     }
 

@@ -1,4 +1,5 @@
-//! virtio-net (virtio 1.2, 5.1) over a host tap, served in user space on the VMM thread.
+//! virtio-net (virtio 1.2, 5.1) over a host tap: through the kernel's vhost-net where
+//! `/dev/vhost-net` opens, else served in user space on the VMM thread.
 //!
 //! - [`tap`]: the host side: a tap opened by name (in whatever network namespace the opening
 //!   thread is in) with the virtio-net header on, nonblocking, and its offloads.
@@ -6,6 +7,8 @@
 //!   buffers. Everything in a chain is hostile; this is where lengths are bounded.
 //! - [`device`]: the [`VirtioDevice`](super::VirtioDevice) implementation, both queues, and the
 //!   state a snapshot keeps.
+//! - [`vhost`]: the kernel's vhost-net as the data path (the queues' kicks go to the kernel, its
+//!   used-ring calls come back through the VMM thread, which sets InterruptStatus).
 //! - `event_handler`: glue to the VMM thread's event loop (the tap's fd beside the queues').
 //!
 //! A device may have no tap (a template's NIC: the clone restored from it gets its own); it then
@@ -17,8 +20,9 @@ pub mod frame;
 pub mod tap;
 #[cfg(test)]
 mod tests;
+pub mod vhost;
 
-pub use device::{MacAddr, Net, NetConfig, NetCounters, NetError, NetState};
+pub use device::{DataPath, MacAddr, Net, NetConfig, NetCounters, NetError, NetState};
 pub use tap::{Tap, TapError};
 
 /// The virtio device ID of a network device.

@@ -125,6 +125,11 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The tap's file, for vhost-net's backend.
+    pub(super) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name

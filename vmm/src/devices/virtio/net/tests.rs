@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::device::{MacAddr, Net, NetConfig};
+use super::device::{DataPath, MacAddr, Net, NetConfig};
 use super::tap::Tap;
 use super::{features, HDR_LEN};
 use crate::devices::virtio::test_utils::{activate, QueueDriver, R, W};
@@ -172,7 +172,9 @@ fn with_tap_device(f: impl FnOnce(&mut Net) + Send) {
     if !privileged() {
         return;
     }
-    in_private_netns(|| f(&mut Net::new(Some(host_tap()), config()).unwrap()));
+    in_private_netns(|| {
+        f(&mut Net::with_data_path(Some(host_tap()), config(), DataPath::UserSpace).unwrap())
+    });
 }
 
 /// Serves the RX side until `done` holds; panics naming `what` after three seconds.
