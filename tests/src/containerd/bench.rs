@@ -2,7 +2,7 @@
 //! sandbox start that the shim logs, one line per sandbox, into containerd's log:
 //! `rund-start-split sandbox=<id> cgroup_ms=<f> rootfs_ms=<f> vm_ms=<f> agent_ms=<f>
 //! container_ms=<f> total_ms=<f> answer_ms=<f> connect_ms=<f> answer_tries=<n> identity_ms=<f>
-//! prepare_ms=<f> restore_ms=<f> start=template|cold`.
+//! prepare_ms=<f> restore_ms=<f> net_ms=<f> net_guest_ms=<f> start=template|cold`.
 
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ pub const START_PHASES: &[&str] = &[
     "connect_ms",
     "identity_ms",
     "prepare_ms",
+    "net_ms",
+    "net_guest_ms",
 ];
 
 /// The marker that starts a split line.
