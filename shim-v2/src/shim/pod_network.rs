@@ -62,6 +62,8 @@ pub enum PodNetworkError {
     Unusable { name: String, what: String },
     #[error("{TAP_NAME} exists in the pod's network namespace already")]
     TapExists,
+    #[error("{0} is the host's network namespace (the shim's own): joining it would redirect the host's traffic into the VM")]
+    HostNamespace(PathBuf),
     #[error("the tap")]
     Tap(#[source] TapError),
     #[error("netlink: {0}")]
@@ -126,6 +128,20 @@ pub struct PodNetwork {
     pub routes: Vec<PodRoute>,
     /// Permanent neighbour entries on the interface: address and MAC.
     pub neighbors: Vec<(IpAddr, [u8; 6])>,
+}
+
+/// Whether `netns` names the network namespace this process is in (a spec may name
+/// `/proc/1/ns/net`, as `ctr run --with-ns` lets it; runc would give the container the host's
+/// network, rund would take the host's interface away from it).
+fn is_own_namespace(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(netns),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Runs `f` on a thread of its own inside the network namespace at `netns`, with a netlink
@@ -519,6 +535,9 @@ impl PodNetwork {
     /// Reads the CNI's interface, its addresses, routes and permanent neighbours in `netns`,
     /// refusing one rund cannot join. Blocking; changes nothing.
     pub fn discover(netns: &Path) -> Result<PodNetwork> {
+        if is_own_namespace(netns) {
+            return Err(PodNetworkError::HostNamespace(netns.to_owned()));
+        }
         let path = netns.to_owned();
         in_netns(netns, move |h| discover_in(h, path))
     }
@@ -834,6 +853,14 @@ mod tests {
         );
         let e = PodNetwork::discover(Path::new("/proc/self/ns/uts")).unwrap_err();
         assert!(matches!(e, PodNetworkError::Enter { .. }), "{e}");
+        // The host's own namespace, however it is named: refused before it is entered.
+        for host in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            let e = PodNetwork::discover(Path::new(host)).unwrap_err();
+            assert!(
+                matches!(e, PodNetworkError::HostNamespace(_)),
+                "{host}: {e}"
+            );
+        }
 
         let ns = Netns::new("bad", 4);
         let e = PodNetwork::discover(&ns.path(0)).unwrap_err();
