@@ -319,12 +319,22 @@ impl Network {
     }
 
     async fn index_of(&self, name: &str) -> Result<u32> {
+        Ok(self.indexes_of([name]).await?[0])
+    }
+
+    /// The indexes of the links named `names`, in order, from one listing.
+    async fn indexes_of<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<Vec<u32>> {
         let links = self.links().await?;
-        links
-            .iter()
-            .find(|l| link_attr(l, |a| matches!(a, LinkAttribute::IfName(n) if n == name)))
-            .map(|l| l.header.index)
-            .ok_or_else(|| NetworkError::NoSuchDevice(name.to_owned()))
+        names
+            .into_iter()
+            .map(|name| {
+                links
+                    .iter()
+                    .find(|l| link_attr(l, |a| matches!(a, LinkAttribute::IfName(n) if n == name)))
+                    .map(|l| l.header.index)
+                    .ok_or_else(|| NetworkError::NoSuchDevice(name.to_owned()))
+            })
+            .collect()
     }
 
     /// The NIC whose permanent address (what its driver read from the device) is `mac`, so
@@ -422,10 +432,9 @@ impl Network {
     /// Replaces the routes on the devices `routes` name (all but those the kernel made for the
     /// devices' addresses), then adds `routes` in order.
     pub async fn update_routes(&self, routes: &[RouteSpec]) -> Result<()> {
-        let mut indexes = Vec::with_capacity(routes.len());
-        for r in routes {
-            indexes.push(self.index_of(&r.device).await?);
-        }
+        let indexes = self
+            .indexes_of(routes.iter().map(|r| r.device.as_str()))
+            .await?;
         let mut devices = indexes.clone();
         devices.sort_unstable();
         devices.dedup();
@@ -481,8 +490,10 @@ impl Network {
 
     /// Adds (or replaces) permanent neighbour entries.
     pub async fn add_neighbors(&self, neighbors: &[NeighborSpec]) -> Result<()> {
-        for n in neighbors {
-            let index = self.index_of(&n.device).await?;
+        let indexes = self
+            .indexes_of(neighbors.iter().map(|n| n.device.as_str()))
+            .await?;
+        for (n, index) in neighbors.iter().zip(indexes) {
             self.handle
                 .neighbours()
                 .add(index, n.address)

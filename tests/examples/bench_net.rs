@@ -296,9 +296,10 @@ fn main() -> ExitCode {
             .iter()
             .filter_map(|s| s.phase(phase))
             .collect();
-        match median(v.clone()) {
+        let starts = v.len();
+        match median(v) {
             Some(p50) => {
-                println!("  {phase:12} p50 {p50:8.2} ms   ({} starts)", v.len());
+                println!("  {phase:12} p50 {p50:8.2} ms   ({starts} starts)");
                 figure(format!("rund-start-{phase}-p50"), p50, "ms");
             }
             None => println!("  {phase}: no rund start logged it"),
