@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use agent_protocol::POD_PID_NAMESPACE;
 use libcgroups::common::{
     create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
 };
@@ -18,7 +19,7 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 use crate::cwd::{self, CwdError};
 use crate::executor::LookPathExecutor;
@@ -156,6 +157,17 @@ pub fn prepare_spec(id: &str, json: &[u8], rootfs: Option<&Path>) -> Result<Spec
         .linux_mut()
         .as_mut()
         .ok_or_else(|| ContainerError::Invalid("no linux section".into()))?;
+    for ns in linux.namespaces().iter().flatten() {
+        let Some(path) = ns.path() else { continue };
+        if ns.typ() != LinuxNamespaceType::Pid || path != Path::new(POD_PID_NAMESPACE) {
+            return Err(ContainerError::Invalid(format!(
+                "namespace {:?} with path {}: the only namespace a container may join is the \
+                 pod's PID namespace ({POD_PID_NAMESPACE})",
+                ns.typ(),
+                path.display()
+            )));
+        }
+    }
     if linux.cgroups_path().is_none() {
         linux.set_cgroups_path(Some(PathBuf::from(format!("{CGROUP_PARENT}/{id}"))));
     }
@@ -651,6 +663,29 @@ mod tests {
         // root.path is replaced by the overlay's mount point.
         let spec = prepare_spec("c1", &spec_json("rootfs", None), Some(dir.path())).unwrap();
         assert_eq!(spec.root().as_ref().unwrap().path(), dir.path());
+    }
+
+    #[test]
+    fn only_the_pods_pid_namespace_may_be_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_ns = |ns: serde_json::Value| {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&spec_json(dir.path().to_str().unwrap(), None)).unwrap();
+            v["linux"]["namespaces"] = ns;
+            prepare_spec("c1", &serde_json::to_vec(&v).unwrap(), None)
+        };
+        assert!(with_ns(serde_json::json!([{"type": "pid", "path": POD_PID_NAMESPACE}])).is_ok());
+        for bad in [
+            serde_json::json!([{"type": "pid", "path": "/proc/1/ns/pid"}]),
+            serde_json::json!([{"type": "network", "path": POD_PID_NAMESPACE}]),
+            serde_json::json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}]),
+        ] {
+            let e = with_ns(bad.clone()).unwrap_err();
+            assert!(
+                matches!(&e, ContainerError::Invalid(m) if m.contains("path")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`cwd`]: making a container's working directory inside its root before it is created;
 //! - [`stdio`]: pipes and ptys with back-pressure;
 //! - [`storage`]: storages, the overlay root, path checks;
+//! - [`pod_pid`]: the pod's shared PID namespace and its init;
 //! - [`identity`]: hostname, entropy and clock for a sandbox restored from a template.
 //!
 //! The protocol (messages, services, client) is the `agent-protocol` crate beside this one.
@@ -21,6 +22,7 @@ pub mod executor;
 pub mod identity;
 pub mod init;
 pub mod network;
+pub mod pod_pid;
 pub mod reaper;
 pub mod registry;
 pub mod rpc;

@@ -19,6 +19,7 @@ use ttrpc::Code;
 use crate::container::{self, ChildStdio, ContainerError, Runtime};
 use crate::identity::{self, IdentityError};
 use crate::network::{self, Network, NetworkError};
+use crate::pod_pid::{PodPidError, PodPidNamespace};
 use crate::reaper::Reaper;
 use crate::registry::{ContainerEntry, ProcessEntry, Registry, RegistryError};
 use crate::stdio::{self, Stdio, StdioError};
@@ -125,6 +126,16 @@ impl From<NetworkError> for RpcError {
     }
 }
 
+impl From<PodPidError> for RpcError {
+    fn from(e: PodPidError) -> Self {
+        let code = match e {
+            PodPidError::Ended(_) => Code::FAILED_PRECONDITION,
+            _ => Code::INTERNAL,
+        };
+        Self::from_err(code, &e)
+    }
+}
+
 type RpcResult<T> = Result<T, RpcError>;
 
 /// Runs blocking work on a blocking thread.
@@ -148,6 +159,7 @@ pub struct Agent {
     reaper: Arc<Reaper>,
     registry: Registry,
     sandbox: Mutex<Option<Sandbox>>,
+    pod_pid: PodPidNamespace,
     console_dir: PathBuf,
     console_seq: AtomicU64,
     oom_tx: tokio::sync::mpsc::Sender<OomKills>,
@@ -182,6 +194,7 @@ impl Agent {
         Ok(Arc::new(Self {
             runtime: Arc::new(runtime),
             storages: Arc::new(Storages::new(state_dir.join("storage"))),
+            pod_pid: PodPidNamespace::new(reaper.clone()),
             reaper,
             registry: Registry::default(),
             sandbox: Mutex::new(None),
@@ -308,13 +321,40 @@ impl Agent {
         }
     }
 
+    /// Puts the real path of the pod's PID namespace (made now if it is the first container to
+    /// join it) where the spec names [`agent_protocol::POD_PID_NAMESPACE`], the only namespace
+    /// path [`container::prepare_spec`] lets through.
+    fn join_pod_namespaces(&self, spec: &mut oci_spec::runtime::Spec) -> RpcResult<()> {
+        let Some(list) = spec.linux().as_ref().and_then(|l| l.namespaces().clone()) else {
+            return Ok(());
+        };
+        if !list.iter().any(|ns| ns.path().is_some()) {
+            return Ok(());
+        }
+        let pod = self.pod_pid.path()?;
+        let list = list
+            .into_iter()
+            .map(|mut ns| {
+                if ns.path().is_some() {
+                    ns.set_path(Some(pod.clone()));
+                }
+                ns
+            })
+            .collect();
+        if let Some(linux) = spec.linux_mut().as_mut() {
+            linux.set_namespaces(Some(list));
+        }
+        Ok(())
+    }
+
     async fn build_container(
         &self,
         id: &str,
         req: &Arc<CreateContainerRequest>,
         rootfs: Option<PathBuf>,
     ) -> RpcResult<(i32, u64, Stdio, PathBuf)> {
-        let spec = container::prepare_spec(id, &req.spec_json, rootfs.as_deref())?;
+        let mut spec = container::prepare_spec(id, &req.spec_json, rootfs.as_deref())?;
+        self.join_pod_namespaces(&mut spec)?;
         let terminal = spec
             .process()
             .as_ref()
@@ -495,6 +535,7 @@ impl AgentService for Agent {
             })
             .await?;
         }
+        self.pod_pid.end();
         if let Some(s) = lock(&self.sandbox).take() {
             s.storages.iter().for_each(|n| self.storages.release(n));
         }

@@ -428,15 +428,20 @@ pub fn pod_network_pod_config(
 ) -> PodSandboxConfig {
     let mut config = host_network_pod_config(name, uid, log_dir);
     config.hostname = hostname.into();
-    if let Some(ns) = config
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-        .and_then(|c| c.namespace_options.as_mut())
-    {
+    if let Some(ns) = namespace_options_mut(&mut config) {
         ns.network = NamespaceMode::Pod as i32;
     }
     config
+}
+
+/// The pod's namespace options, to change one (the configs above all have them).
+pub fn namespace_options_mut(pod: &mut PodSandboxConfig) -> Option<&mut NamespaceOption> {
+    pod.linux
+        .as_mut()?
+        .security_context
+        .as_mut()?
+        .namespace_options
+        .as_mut()
 }
 
 /// [`host_network_pod_config`] in the cgroup `parent` (a kubelet's `/kubepods/...` pod cgroup).
@@ -471,6 +476,19 @@ pub fn container_config(
         log_path: log_path.into(),
         ..ContainerConfig::default()
     }
+}
+
+/// Gives `config` the pod's namespace options, as a kubelet does for every container of a pod
+/// (a container without them, as crictl sends one, joins the pod's PID namespace: POD is 0).
+pub fn with_pod_namespaces(config: &mut ContainerConfig, pod: &PodSandboxConfig) {
+    let options = pod
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|c| c.namespace_options.clone());
+    let linux = config.linux.get_or_insert_with(Default::default);
+    let context = linux.security_context.get_or_insert_with(Default::default);
+    context.namespace_options = options;
 }
 
 /// The lines of a CRI container log (`<time> <stream> <tag> <text>`) written to `stream`

@@ -4,8 +4,10 @@
 //! compared with runc's:
 //! - the calls `crictl runp`, `create`, `start`, `exec`, `inspect`, `stopp` and `rmp` make for a
 //!   minimal pod.json (no `cgroup_parent`: containerd dictates `/k8s.io/<id>`): a host-network pod
-//!   with two containers, one serving ExecSync until the pod stops, the other exiting by itself;
-//!   the same on a containerd configuration written by hand;
+//!   with two containers, one serving ExecSync until the pod stops, the other exiting by itself,
+//!   each in a PID namespace of its own; the same on a containerd configuration written by hand,
+//!   the pod sharing one PID namespace (`shareProcessNamespace`: PID 1 is the pod's init, and
+//!   one container sees the other's processes);
 //! - a pod as a kubelet sends it, in a kubelet-made `/kubepods/burstable/pod<uid>` cgroup, with
 //!   the container fields a kubelet sets (security context, working directory, env, an image
 //!   without `Env`, resources and their update, stats, a restart, StopPodSandbox with a container
@@ -18,6 +20,7 @@
 
 use std::time::Duration;
 
+use k8s_cri::v1::NamespaceMode;
 use k8s_cri::v1::{
     Capability, ContainerState, Int64Value, KeyValue, LinuxContainerConfig,
     LinuxContainerResources, LinuxContainerSecurityContext,
@@ -27,8 +30,8 @@ use rund_tests::containerd::{
     BUSYBOX_IMAGE, BUSYBOX_NOENV_IMAGE, COMMAND_TIMEOUT, CRI_NAMESPACE,
 };
 use rund_tests::cri::{
-    container_config, host_network_pod_config, host_network_pod_config_in, log_lines, CriClient,
-    CriError,
+    container_config, host_network_pod_config, host_network_pod_config_in, log_lines,
+    namespace_options_mut, with_pod_namespaces, CriClient, CriError,
 };
 use rund_tests::kubelet::PodCgroup;
 
@@ -48,39 +51,59 @@ struct PodOutcome {
     exited: (ContainerState, i32, Vec<String>, Vec<String>),
     /// Whether both containers are in the pod's IPC namespace.
     same_ipc: bool,
+    /// PID 1 as the first container sees it: `its own` process, or `pod init` in a pod sharing
+    /// its PID namespace (runc's pause process, rund's `rund-pod-init`).
+    pid1: String,
     /// The first container after StopPodSandbox: state, exit code.
     stopped: (ContainerState, i32),
     /// Pods and containers the CRI plugin still lists after RemovePodSandbox.
     listed_after: (Vec<String>, Vec<String>),
 }
 
-async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutcome {
+/// The oneshot container's look for the server's `sleep` in a pod sharing its PID namespace.
+const SEES_SERVER: &str = "for i in $(seq 100); do \
+     grep -qx sleep /proc/[0-9]*/comm 2>/dev/null && { echo sees-server; break; }; sleep 0.1; done; ";
+
+async fn pod_flow(
+    cd: &Containerd,
+    cri: &mut CriClient,
+    rt: Runtime,
+    share_pid: bool,
+) -> PodOutcome {
     let name = cd.unique_id("pod", rt);
     let log_dir = cd.dir().join(format!("logs-{name}"));
     std::fs::create_dir_all(&log_dir).expect("mkdir log dir");
-    let pod = host_network_pod_config(&name, &name, &log_dir);
+    let mut pod = host_network_pod_config(&name, &name, &log_dir);
+    if share_pid {
+        if let Some(ns) = namespace_options_mut(&mut pod) {
+            ns.pid = NamespaceMode::Pod as i32;
+        }
+    }
 
     eprintln!("{rt}: RunPodSandbox");
     let pod_id = cri
         .run_pod_sandbox(&pod, rt.name())
         .await
         .unwrap_or_else(|e| panic!("{rt}: {e}"));
-    let server = container_config(
+    let mut server = container_config(
         "server",
         BUSYBOX_IMAGE,
         &["sh", "-c", "echo server-started; exec sleep 1000"],
         "server.log",
     );
-    let oneshot = container_config(
+    let script = format!(
+        "{}echo oneshot-out; readlink /proc/self/ns/ipc; echo oneshot-err >&2; exit 7",
+        if share_pid { SEES_SERVER } else { "" }
+    );
+    let mut oneshot = container_config(
         "oneshot",
         BUSYBOX_IMAGE,
-        &[
-            "sh",
-            "-c",
-            "echo oneshot-out; readlink /proc/self/ns/ipc; echo oneshot-err >&2; exit 7",
-        ],
+        &["sh", "-c", &script],
         "oneshot.log",
     );
+    for c in [&mut server, &mut oneshot] {
+        with_pod_namespaces(c, &pod);
+    }
     let mut ids = Vec::new();
     for config in [&server, &oneshot] {
         // `crictl create` asks for the image first and would pull it if it were missing.
@@ -122,6 +145,26 @@ async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutco
         .await
         .unwrap_or_else(|e| panic!("{rt}: {e}"));
     let server_ipc = String::from_utf8_lossy(&ipc.stdout).trim().to_string();
+    let pid1 = cri
+        .exec_sync(
+            server_id,
+            &[
+                "sh",
+                "-c",
+                "cat /proc/1/comm; tr '\\0' ' ' < /proc/1/cmdline",
+            ],
+            COMMAND_TIMEOUT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    let pid1 = String::from_utf8_lossy(&pid1.stdout).into_owned();
+    // The harness's pause image is a shell waiting for SIGTERM (rund_tests::containerd::image);
+    // the guest's own init (rund-agent as `init`) would show a pod joined to the VM's namespace.
+    let pid1 = match pid1.lines().collect::<Vec<_>>()[..] {
+        [_, cmdline] if cmdline.contains("sleep 1000") => "its own".to_string(),
+        ["pause" | "sh" | "rund-pod-init", _] => "pod init".to_string(),
+        _ => pid1,
+    };
 
     let status = cri
         .container_status(server_id)
@@ -185,6 +228,7 @@ async fn pod_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> PodOutco
         sandbox_task,
         exited,
         same_ipc,
+        pid1,
         stopped,
         listed_after,
     }
@@ -245,7 +289,8 @@ async fn pod_with_two_containers_as_crictl_drives_it() {
     let Some(cd) = start_for_test("pod_with_two_containers_as_crictl_drives_it") else {
         return;
     };
-    let outcomes = for_each_runtime(&cd, pod_flow).await;
+    let outcomes =
+        for_each_runtime(&cd, async |cd, cri, rt| pod_flow(cd, cri, rt, false).await).await;
     assert_eq!(
         same_as_runc(&outcomes),
         &PodOutcome {
@@ -260,6 +305,7 @@ async fn pod_with_two_containers_as_crictl_drives_it() {
                 vec!["oneshot-err".into()]
             ),
             same_ipc: true,
+            pid1: "its own".into(),
             stopped: (ContainerState::ContainerExited, 137),
             listed_after: (Vec::new(), Vec::new()),
         }
@@ -267,7 +313,8 @@ async fn pod_with_two_containers_as_crictl_drives_it() {
 }
 
 /// The same flow on a containerd whose configuration the harness wrote by hand, naming both
-/// runtimes (an operator's own file rather than `rund install`'s edit).
+/// runtimes (an operator's own file rather than `rund install`'s edit), for a pod that shares
+/// its PID namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_on_a_hand_written_containerd_config() {
     let test = "pod_on_a_hand_written_containerd_config";
@@ -278,11 +325,18 @@ async fn pod_on_a_hand_written_containerd_config() {
     let Some(cd) = start_for_test_with(test, options) else {
         return;
     };
-    let outcomes =
-        for_each_runtime(&cd, async |cd, cri, rt| pod_flow(cd, cri, rt).await.exec).await;
+    let outcomes = for_each_runtime(&cd, async |cd, cri, rt| {
+        let o = pod_flow(cd, cri, rt, true).await;
+        (o.exec, o.exited.2, o.pid1)
+    })
+    .await;
     assert_eq!(
         same_as_runc(&outcomes),
-        &("out\n".to_string(), "err\n".to_string(), 3)
+        &(
+            ("out\n".to_string(), "err\n".to_string(), 3),
+            vec!["sees-server".to_string(), "oneshot-out".to_string()],
+            "pod init".to_string()
+        )
     );
 }
 

@@ -47,6 +47,11 @@ pub const GUEST_STATE_DIR: &str = "/run/rund-agent";
 /// mount of a shared volume names its source under it.
 pub const GUEST_STORAGE_DIR: &str = "/run/rund-agent/storage";
 
+/// The path a container spec names as its PID namespace to join the pod's shared one (a pod that
+/// asks for `shareProcessNamespace`): the agent makes that namespace on first use and puts its real
+/// path in. No other namespace path is accepted in a spec.
+pub const POD_PID_NAMESPACE: &str = "/run/rund-agent/pod/ns/pid";
+
 /// The API version [`agent::VersionResponse::protocol_version`] reports; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;
 

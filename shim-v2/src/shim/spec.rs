@@ -4,10 +4,13 @@
 //! The guest is the pod: host paths, host namespaces and host hooks mean nothing there. The root
 //! becomes the overlay the agent mounts, bind mounts (volumes) become paths on the sandbox's
 //! virtio-fs shares, namespaces given by host path are dropped (the container shares the VM's,
-//! which is the pod's), and the network namespace is the VM's own.
+//! which is the pod's: network, IPC, UTS) but for the PID namespace, which becomes the pod's
+//! shared one in the guest (a pod with `shareProcessNamespace`; the agent holds it), and the
+//! network namespace is the VM's own.
 
 use std::path::{Path, PathBuf};
 
+use agent_protocol::POD_PID_NAMESPACE;
 use oci_spec::runtime::{LinuxNamespaceType, Mount, MountBuilder, Spec};
 
 /// Mount types the guest kernel provides itself; their sources are not host paths.
@@ -151,7 +154,16 @@ pub fn guest_spec(spec: &Spec, volumes: &mut dyn VolumeSharer) -> Result<Spec, S
     }
     let namespaces = linux.namespaces().clone().map(|list| {
         list.into_iter()
-            .filter(|ns| ns.path().is_none() && ns.typ() != LinuxNamespaceType::Network)
+            .filter_map(|mut ns| match (ns.typ(), ns.path()) {
+                (LinuxNamespaceType::Network, _) => None,
+                // The pod's shared PID namespace (`shareProcessNamespace`): the agent holds it.
+                (LinuxNamespaceType::Pid, Some(_)) => {
+                    ns.set_path(Some(PathBuf::from(POD_PID_NAMESPACE)));
+                    Some(ns)
+                }
+                (_, Some(_)) => None,
+                (_, None) => Some(ns),
+            })
             .collect()
     });
     linux.set_namespaces(namespaces);
@@ -211,7 +223,41 @@ mod tests {
             kinds,
             vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]
         );
+        assert!(linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .all(|n| n.path().is_none()));
         assert_eq!(g.mounts(), s.mounts());
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_is_the_pods_in_the_guest() {
+        let s = spec(
+            json!([]),
+            json!([{"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                   {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"}]),
+        );
+        let g = guest_spec(&s, &mut no_volumes).unwrap();
+        let ns: Vec<_> = g
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .iter()
+            .flatten()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect();
+        assert_eq!(
+            ns,
+            vec![
+                (
+                    LinuxNamespaceType::Pid,
+                    Some(PathBuf::from(POD_PID_NAMESPACE))
+                ),
+                (LinuxNamespaceType::Mount, None)
+            ]
+        );
     }
 
     #[test]
