@@ -72,6 +72,8 @@ pub enum PodNetworkError {
     Runtime(#[source] std::io::Error),
     #[error("the thread in the pod's network namespace panicked")]
     Thread,
+    #[error("before joining the pod's network")]
+    BeforeWiring(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 type Result<T> = std::result::Result<T, PodNetworkError>;
@@ -542,6 +544,27 @@ impl PodNetwork {
         in_netns(netns, move |h| discover_in(h, path))
     }
 
+    /// [`Self::discover`] then [`Self::wire`] in one visit to the namespace (one thread, one
+    /// runtime, one netlink connection: each visit costs milliseconds of a start in the nested
+    /// testbed), running `before_wiring` between them: the sandbox records the namespace there,
+    /// before anything in it changes. Blocking. On failure nothing is left.
+    pub fn join<F>(netns: &Path, before_wiring: F) -> Result<(PodNetwork, Tap)>
+    where
+        F: FnOnce(&PodNetwork) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+            + Send,
+    {
+        if is_own_namespace(netns) {
+            return Err(PodNetworkError::HostNamespace(netns.to_owned()));
+        }
+        let path = netns.to_owned();
+        in_netns(netns, move |h| async move {
+            let pod = discover_in(h.clone(), path).await?;
+            before_wiring(&pod).map_err(PodNetworkError::BeforeWiring)?;
+            let tap = wire_in(h, pod.clone()).await?;
+            Ok((pod, tap))
+        })
+    }
+
     /// Makes the tap and joins it to the interface. Blocking. On failure nothing is left.
     pub fn wire(&self) -> Result<Tap> {
         let pod = self.clone();
@@ -827,8 +850,25 @@ mod tests {
             return;
         }
         let ns = cni_pod("kill");
-        let pod = PodNetwork::discover(&ns.path(0)).unwrap();
-        let tap = pod.wire().unwrap();
+        let unchanged = || {
+            !ns.exec(0, "ip -o link").contains(TAP_NAME)
+                && !ns.exec(0, "tc qdisc show dev eth0").contains("ingress")
+        };
+        // What fails before the wiring (the record) leaves the namespace as it was.
+        let e = PodNetwork::join(&ns.path(0), |_| Err("no record".into())).unwrap_err();
+        assert!(
+            matches!(e, PodNetworkError::BeforeWiring(ref why) if why.to_string() == "no record"),
+            "{e}"
+        );
+        assert!(unchanged());
+        // The record is written while nothing has changed yet.
+        let mut recorded_early = false;
+        let (pod, tap) = PodNetwork::join(&ns.path(0), |pod| {
+            recorded_early = unchanged() && pod.interface.name == "eth0";
+            Ok(())
+        })
+        .unwrap();
+        assert!(recorded_early);
         // As after a `kill -9`: the redirects stay while another holder keeps the tap open.
         let record = pod.record();
         let text = serde_json::to_string(&record).unwrap();

@@ -591,15 +591,14 @@ impl Sandbox {
             Some(netns) => {
                 let (d, sid) = (dir.to_owned(), id.to_owned());
                 let (pod, tap) = blocking(move || {
-                    let pod = PodNetwork::discover(&netns)?;
-                    // Recorded before the namespace changes: a `kill -9` from here on is undone
-                    // by `delete`.
-                    SandboxRecord::for_this_process(&sid)
-                        .map(|r| r.with_network(pod.record()))
-                        .and_then(|r| r.write(&d))
-                        .map_err(|e| SandboxError::Record(sid.clone(), e))?;
-                    let tap = pod.wire()?;
-                    Ok((pod, tap))
+                    Ok(PodNetwork::join(&netns, |pod| {
+                        // Recorded before the namespace changes: a `kill -9` from here on is
+                        // undone by `delete`.
+                        SandboxRecord::for_this_process(&sid)
+                            .map(|r| r.with_network(pod.record()))
+                            .and_then(|r| r.write(&d))
+                            .map_err(|e| SandboxError::Record(sid.clone(), e).into())
+                    })?)
                 })
                 .await?;
                 held.network = Some(pod.record());
