@@ -499,7 +499,17 @@ impl Vcpu {
     /// Takes the register sample [`VcpuControl::report`] asked for.
     fn answer_sample(&self) {
         let sample = match (self.fd.get_regs(), self.fd.get_mp_state()) {
-            (Ok(r), Ok(m)) => describe_sample(&r, m.mp_state),
+            (Ok(r), Ok(m)) => {
+                // Where rip is in guest-physical memory: a kernel address outside the image's
+                // text is placed by the page it runs from.
+                let physical = self
+                    .fd
+                    .translate_gva(r.rip)
+                    .ok()
+                    .filter(|t| t.valid != 0)
+                    .map(|t| t.physical_address);
+                describe_sample(&r, m.mp_state, physical)
+            }
             (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
         };
         let mut p = self.control.lock();

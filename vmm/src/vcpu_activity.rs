@@ -224,7 +224,7 @@ impl ActivitySnapshot {
 }
 
 /// A register sample in words: where the vCPU is and whether it can take an interrupt.
-pub fn describe_sample(regs: &kvm_regs, mp_state: u32) -> String {
+pub fn describe_sample(regs: &kvm_regs, mp_state: u32, rip_physical: Option<u64>) -> String {
     const RFLAGS_IF: u64 = 1 << 9;
     let interrupts = if regs.rflags & RFLAGS_IF != 0 {
         "on"
@@ -239,7 +239,11 @@ pub fn describe_sample(regs: &kvm_regs, mp_state: u32) -> String {
         }
         other => format!("in multiprocessing state {other}"),
     };
-    format!("at rip {:#x}, interrupts {interrupts}, {state}", regs.rip)
+    let physical = rip_physical.map_or_else(String::new, |p| format!(" (guest-physical {p:#x})"));
+    format!(
+        "at rip {:#x}{physical}, rsp {:#x}, interrupts {interrupts}, {state}",
+        regs.rip, regs.rsp
+    )
 }
 
 #[cfg(test)]
@@ -305,16 +309,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            describe_sample(&regs, KVM_MP_STATE_HALTED),
-            "at rip 0xffffffff81000000, interrupts on, halted"
+            describe_sample(&regs, KVM_MP_STATE_HALTED, None),
+            "at rip 0xffffffff81000000, rsp 0x0, interrupts on, halted"
         );
         let regs = kvm_regs {
             rflags: 0x2,
+            rsp: 0x8000,
             ..regs
         };
-        assert!(describe_sample(&regs, KVM_MP_STATE_UNINITIALIZED)
+        assert_eq!(
+            describe_sample(&regs, KVM_MP_STATE_RUNNABLE, Some(0x100_0000)),
+            "at rip 0xffffffff81000000 (guest-physical 0x1000000), rsp 0x8000, interrupts off, \
+             runnable"
+        );
+        assert!(describe_sample(&regs, KVM_MP_STATE_UNINITIALIZED, None)
             .ends_with("interrupts off, waiting for its start-up IPI"));
-        assert!(describe_sample(&regs, 7).ends_with("in multiprocessing state 7"));
+        assert!(describe_sample(&regs, 7, None).ends_with("in multiprocessing state 7"));
     }
 
     #[test]

@@ -202,14 +202,15 @@ fn a_report_says_where_each_vcpu_is() {
     while g.console.bytes() != b"spin" {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let bsp_at = format!(
-        ", at rip {loop_at:#x}, interrupts off, runnable; 4 exits, the last an I/O write to port \
-         0x3f8"
-    );
+    // The payload runs identity-mapped: rip is its own guest-physical address.
+    let bsp_where = format!(", at rip {loop_at:#x} (guest-physical {loop_at:#x}), rsp 0x");
+    let bsp_at = "interrupts off, runnable; 4 exits, the last an I/O write to port 0x3f8";
     let ap_waits = "interrupts off, waiting for its start-up IPI; 0 exits, the last none";
     // The AP's thread may not have entered KVM_RUN yet when the BSP has printed.
     let report = settled_vcpu_report(&g.handle, |r| {
-        r.lines().next().is_some_and(|l| l.contains(&bsp_at))
+        r.lines()
+            .next()
+            .is_some_and(|l| l.contains(&bsp_where) && l.contains(bsp_at))
             && r.lines().nth(1).is_some_and(|l| l.contains(ap_waits))
     });
     let lines: Vec<&str> = report.lines().collect();
@@ -218,7 +219,8 @@ fn a_report_says_where_each_vcpu_is() {
         lines[0].starts_with("vCPU 0: in the guest for "),
         "{report}"
     );
-    assert!(lines[0].contains(&bsp_at), "{report}");
+    assert!(lines[0].contains(&bsp_where), "{report}");
+    assert!(lines[0].contains(bsp_at), "{report}");
     assert!(lines[1].contains(ap_waits), "{report}");
     // The kicks that took the samples are neither the guest's exits nor the end of its stay in
     // the guest, and the guest goes on.
