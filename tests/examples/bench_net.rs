@@ -7,13 +7,19 @@
 //!   (c) what joining the pod's network adds to rund's start: the shims' `net_ms` (the host's
 //!       part: the namespace read, the tap, the redirects) and `net_guest_ms` (the agent's).
 //! rund's data path is vhost-net where `/dev/vhost-net` opens (the testbed), else the VMM thread.
+//! The peer VMM (a) and (b) are also measured against, with `--qemu` (ci/bench-net's default where
+//! QEMU is installed): QEMU's microvm with vhost-net (`-netdev tap,vhost=on`), booting the same
+//! condensed kernel with a busybox initramfs running the same server, on the same set-up as a
+//! rund pod's (a network namespace with a veth on the CNI bridge and a tap, joined by tc ingress
+//! redirects both ways), the guest at an address outside the pods' range.
 //! Runtimes from `RUND_E2E_RUNTIMES`. Needs root, containerd, containernetworking-plugins and
 //! iputils-ping; with rund, a KVM that runs Linux guests (the testbed). Compare ratios measured
 //! in one run (the testbed is emulated).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, ExitCode};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -24,6 +30,9 @@ use rund_tests::containerd::{
 };
 use rund_tests::cri::{container_config, pod_network_pod_config, CriClient};
 use rund_tests::devbench::Figure;
+use rund_tests::initramfs::{Initramfs, BUSYBOX};
+use rund_tests::qemu::{qemu_bin, Microvm};
+use rund_tests::{GuestKernel, GUEST_CMDLINE};
 
 #[derive(Parser, Clone, Copy)]
 struct Args {
@@ -39,6 +48,9 @@ struct Args {
     /// rund pods started (and removed) for (c) besides the measured one.
     #[arg(long, default_value_t = 5)]
     starts: usize,
+    /// Also measure QEMU's microvm with vhost-net on the same set-up.
+    #[arg(long)]
+    qemu: bool,
 }
 
 /// The pod's server: the file to serve on its tmpfs, a CGI that swallows a POST, httpd.
@@ -127,6 +139,173 @@ fn rtt_ms(ip: &str, pings: usize) -> Result<f64, String> {
         .find_map(|l| l.split_once(" = ").filter(|(k, _)| k.starts_with("rtt")))
         .and_then(|(_, v)| v.split('/').nth(1)?.parse().ok())
         .ok_or_else(|| format!("ping {ip}: {text}"))
+}
+
+/// The QEMU peer: its network namespace, veth, tap and redirects, and the VM; all removed on drop.
+struct QemuPod {
+    netns: &'static str,
+    qemu: Option<Child>,
+    console: PathBuf,
+}
+
+impl QemuPod {
+    const NETNS: &'static str = "rund-bench-qemu";
+    /// The veth's end on the bridge.
+    const BRIDGE_END: &'static str = "rbq-br";
+    /// The guest's MAC (locally administered).
+    const MAC: &'static str = "02:62:71:00:00:01";
+    const MEM_MIB: u32 = 256;
+
+    fn run(args: &[&str]) -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn start(dir: &Path, mib: u64) -> Result<QemuPod, String> {
+        let kernel = GuestKernel::CondensedBzImage.path()?;
+        let mut pod = QemuPod {
+            netns: Self::NETNS,
+            qemu: None,
+            console: dir.join("qemu-net-console.log"),
+        };
+        let ns = pod.netns;
+        Self::run(&["ip", "netns", "add", ns])?;
+        for cmd in [
+            vec![
+                "ip",
+                "link",
+                "add",
+                Self::BRIDGE_END,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ],
+            vec![
+                "ip",
+                "link",
+                "set",
+                Self::BRIDGE_END,
+                "master",
+                PodCni::BRIDGE,
+                "up",
+            ],
+            vec!["ip", "-n", ns, "link", "set", "eth0", "up"],
+            vec![
+                "ip", "-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+            ],
+            vec!["ip", "-n", ns, "link", "set", "tap0", "up"],
+        ] {
+            Self::run(&cmd)?;
+        }
+        for (from, to) in [("eth0", "tap0"), ("tap0", "eth0")] {
+            Self::run(&[
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", from, "ingress",
+            ])?;
+            Self::run(&[
+                "ip", "netns", "exec", ns, "tc", "filter", "add", "dev", from, "parent", "ffff:",
+                "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress",
+                "redirect", "dev", to,
+            ])?;
+        }
+        let init = format!(
+            "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             mkdir -p /dev/shm; mount -t tmpfs shm /dev/shm\n\
+             ip link set lo up; ip addr add {addr}/24 dev eth0; ip link set eth0 up\n\
+             ip route add default via {gw}\n\
+             echo BENCH-NET-UP\n\
+             sh /server.sh\n\
+             reboot -f\n",
+            addr = PodCni::PEER_ADDRESS,
+            gw = PodCni::GATEWAY,
+        );
+        let mut initramfs =
+            Initramfs::new(BUSYBOX.as_ref()).map_err(|e| format!("busybox: {e}"))?;
+        initramfs.init(&init);
+        initramfs.file("server.sh", 0o755, server_script(mib).into_bytes());
+        let initrd = dir.join("qemu-net-initrd.cpio");
+        initramfs
+            .write(&initrd)
+            .map_err(|e| format!("{}: {e}", initrd.display()))?;
+        let vm = Microvm {
+            kernel,
+            initrd,
+            cmdline: GUEST_CMDLINE.into(),
+            mem_mib: Self::MEM_MIB,
+            shared_memory: false,
+            console: pod.console.clone(),
+        }
+        .command(&qemu_bin());
+        // In the namespace, where the tap is: QEMU opens it by name.
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(vm.get_program())
+            .args(vm.get_args())
+            .args([
+                "-netdev",
+                "tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=on",
+            ])
+            .args([
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={}", Self::MAC),
+            ])
+            .stdin(Stdio::null());
+        pod.qemu = Some(cmd.spawn().map_err(|e| format!("starting QEMU: {e}"))?);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !pod.console_text().contains("BENCH-NET-UP") {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the QEMU guest never came up:\n{}",
+                    pod.console_text()
+                ));
+            }
+            if let Some(Ok(Some(status))) = pod.qemu.as_mut().map(|q| q.try_wait()) {
+                return Err(format!("QEMU exited ({status}):\n{}", pod.console_text()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(pod)
+    }
+
+    fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+impl Drop for QemuPod {
+    fn drop(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        // The namespace takes its tap, redirects and veth (both ends) with it.
+        let _ = Self::run(&["ip", "netns", "del", self.netns]);
+    }
+}
+
+/// The QEMU peer's figures, from the root namespace as a pod's are taken.
+fn measure_qemu(dir: &Path, args: &Args) -> Result<(f64, f64, f64), String> {
+    let pod = QemuPod::start(dir, args.mib)?;
+    let ip = PodCni::PEER_ADDRESS.to_string();
+    let (out, inn) = throughput(&ip, args)?;
+    let rtt = rtt_ms(&ip, args.pings)?;
+    drop(pod);
+    Ok((out, inn, rtt))
 }
 
 struct Measured {
@@ -267,6 +446,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let qemu = if args.qemu {
+        match measure_qemu(cd.dir(), &args) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                eprintln!("bench-net: qemu: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     println!("bench-net (a, b): root namespace <-> pod");
     for m in &measured {
         let rt = m.rt.name();
@@ -288,6 +478,27 @@ fn main() -> ExitCode {
         figure("net-rund/runc-pod-to-root".into(), rund.out / runc.out, "x");
         figure("net-rund/runc-root-to-pod".into(), rund.inn / runc.inn, "x");
         figure("net-rund/runc-rtt".into(), rund.rtt / runc.rtt, "x");
+    }
+    if let Some((out, inn, rtt)) = qemu {
+        println!(
+            "  qemu : pod->root {out:8.2} MiB/s   root->pod {inn:8.2} MiB/s   rtt {rtt:7.3} ms   \
+             (microvm, vhost-net, the same kernel and server)"
+        );
+        figure("net-qemu-pod-to-root".into(), out, "MiB/s");
+        figure("net-qemu-root-to-pod".into(), inn, "MiB/s");
+        figure("net-qemu-rtt".into(), rtt, "ms");
+        if let Some(rund) = measured.iter().find(|m| m.rt == Runtime::Rund) {
+            println!(
+                "  ratio rund/qemu: pod->root {:.2}x   root->pod {:.2}x   rtt {:.2}x   \
+                 (target: throughput >= 0.8x)",
+                rund.out / out,
+                rund.inn / inn,
+                rund.rtt / rtt
+            );
+            figure("net-rund/qemu-pod-to-root".into(), rund.out / out, "x");
+            figure("net-rund/qemu-root-to-pod".into(), rund.inn / inn, "x");
+            figure("net-rund/qemu-rtt".into(), rund.rtt / rtt, "x");
+        }
     }
     println!("bench-net (c): joining the pod's network in rund's start (from the shims' log)");
     let log = std::fs::read_to_string(cd.log_path()).unwrap_or_default();

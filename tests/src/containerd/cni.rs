@@ -19,6 +19,11 @@ impl PodCni {
     /// The pods' subnet (a /24) and its gateway, the bridge's address.
     pub const SUBNET: &'static str = "10.88.77.0/24";
     pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 1);
+    /// The last address host-local gives a pod: the ones above are left for peers on the bridge
+    /// that no CNI plugin configures (a benchmark's QEMU guest).
+    pub const LAST_POD_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 239);
+    /// A peer's address on the bridge, outside the pods' range.
+    pub const PEER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 88, 77, 250);
 
     /// `None` (a reason printed) when the plugins are missing, unless the end-to-end tests are
     /// required (`RUND_REQUIRE_E2E_TESTS=1`): then a panic.
@@ -52,7 +57,11 @@ impl PodCni {
                     "isGateway": true,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": Self::SUBNET, "gateway": Self::GATEWAY.to_string()}]],
+                        "ranges": [[{
+                            "subnet": Self::SUBNET,
+                            "gateway": Self::GATEWAY.to_string(),
+                            "rangeEnd": Self::LAST_POD_ADDRESS.to_string(),
+                        }]],
                         "routes": [{"dst": "0.0.0.0/0"}],
                     },
                 },
