@@ -1,6 +1,7 @@
-//! Sandbox and container ids become single path components (`share-ro/<container>/`,
-//! `sandboxes/<sandbox>.ext4`), and they arrive from containerd or from a record on disk, so each is
-//! checked before it is joined to a path.
+//! Sandbox, container and exec ids become single path components (`share-ro/<container>/`,
+//! `sandboxes/<sandbox>.ext4`, `/run/rund/<sandbox>/`), and they arrive from containerd, from a
+//! spec's annotations or from a record on disk, so each is checked before it is joined to a path.
+//! The one rule for every crate on the host (the shim checks its ids with it too).
 
 /// containerd's ids are at most 76 bytes; 128 leaves room and stays far below NAME_MAX.
 pub const MAX_ID_LEN: usize = 128;
@@ -8,7 +9,7 @@ pub const MAX_ID_LEN: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} id {id:?} cannot name a file: {why}")]
 pub struct InvalidId {
-    /// `sandbox` or `container`.
+    /// `sandbox`, `container` or `exec`.
     pub what: &'static str,
     pub id: String,
     pub why: &'static str,
@@ -16,7 +17,7 @@ pub struct InvalidId {
 
 /// Accepts 1..=128 bytes of `[A-Za-z0-9_.-]` starting with a letter or digit: no `/`, no `.` or
 /// `..`, nothing that needs escaping in mountinfo.
-pub(crate) fn check_id(what: &'static str, id: &str) -> Result<(), InvalidId> {
+pub fn check_id(what: &'static str, id: &str) -> Result<(), InvalidId> {
     let why = match id.as_bytes() {
         [] => "it is empty",
         b if b.len() > MAX_ID_LEN => "it is longer than 128 bytes",

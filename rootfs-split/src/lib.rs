@@ -25,7 +25,7 @@ mod undo;
 
 pub use bind::MountError;
 pub use copy::CopyMethod;
-pub use id::{InvalidId, MAX_ID_LEN};
+pub use id::{check_id, InvalidId, MAX_ID_LEN};
 pub use image::{
     reflink_supported, BaseImage, ImageError, WritableLayer, MIN_SIZE_MIB, SANDBOXES_DIR,
 };

@@ -31,6 +31,7 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Error as ShimError, Flags, StartOpts};
 use log::{info, warn};
 use oci_spec::runtime::Spec;
+use rootfs_split::{check_id, InvalidId};
 
 use crate::config::Config;
 use service::{TaskService, CONTAINER_TYPE, SANDBOX_ID};
@@ -49,19 +50,23 @@ pub struct RundShim {
 }
 
 /// The pod a bundle's container belongs to: the CRI sandbox id for a pod's container, else the
-/// container's own id (a sandbox of its own).
-pub fn sandbox_of(id: &str, bundle: &Path) -> String {
+/// container's own id (a sandbox of its own). Either becomes `/run/rund/<sandbox>/`, which
+/// `delete` removes: both are checked as ids first (an annotation is the spec author's word).
+pub fn sandbox_of(id: &str, bundle: &Path) -> Result<String, InvalidId> {
+    check_id("container", id)?;
     let annotations = Spec::load(bundle.join("config.json"))
         .ok()
         .and_then(|s| s.annotations().clone())
         .unwrap_or_default();
-    match (
+    let sandbox = match (
         annotations.get(CONTAINER_TYPE).map(String::as_str),
         annotations.get(SANDBOX_ID),
     ) {
         (Some("container"), Some(pod)) => pod.clone(),
         _ => id.to_owned(),
-    }
+    };
+    check_id("sandbox", &sandbox)?;
+    Ok(sandbox)
 }
 
 fn config_error(e: &str) -> ShimError {
@@ -91,7 +96,8 @@ impl Shim for RundShim {
             context: "the bundle (current directory)".into(),
             err,
         })?;
-        let grouping = sandbox_of(&opts.id, &bundle);
+        let grouping =
+            sandbox_of(&opts.id, &bundle).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
         // The pod's shim already serves: this container joins it.
         let path = address.trim_start_matches("unix://");
@@ -110,14 +116,21 @@ impl Shim for RundShim {
             context: "the bundle (current directory)".into(),
             err,
         })?;
-        let sandbox = sandbox_of(&self.id, &bundle);
-        match sandbox::cleanup_dead(config, &sandbox) {
-            Ok(true) => info!(
+        // A refused id cleans up nothing: its shim never started a sandbox.
+        let cleaned = sandbox_of(&self.id, &bundle)
+            .map_err(|e| e.to_string())
+            .and_then(|sandbox| {
+                sandbox::cleanup_dead(config, &sandbox).map(|done| (sandbox, done))
+            });
+        match cleaned {
+            Ok((sandbox, true)) => info!(
                 "{}/{}: cleaned up sandbox {sandbox} after its shim died",
                 self.namespace, self.id
             ),
-            Ok(false) => info!("{}: sandbox {sandbox} is still served by its shim", self.id),
-            Err(e) => warn!("{}: cleaning up sandbox {sandbox}: {e}", self.id),
+            Ok((sandbox, false)) => {
+                info!("{}: sandbox {sandbox} is still served by its shim", self.id)
+            }
+            Err(e) => warn!("{}: cleaning up after its shim: {e}", self.id),
         }
         Ok(DeleteResponse {
             exit_status: KILLED_STATUS,
@@ -140,5 +153,43 @@ impl Shim for RundShim {
             }
         };
         TaskService::new(config, &self.namespace, publisher, self.exit.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(annotations: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": annotations,
+        });
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_pods_container_is_grouped_by_its_pod() {
+        let b = bundle(serde_json::json!({CONTAINER_TYPE: "container", SANDBOX_ID: "pod1"}));
+        assert_eq!(sandbox_of("c1", b.path()).unwrap(), "pod1");
+        let b = bundle(serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod1"}));
+        assert_eq!(sandbox_of("pod1", b.path()).unwrap(), "pod1");
+        let b = bundle(serde_json::json!({}));
+        assert_eq!(sandbox_of("c2", b.path()).unwrap(), "c2");
+    }
+
+    #[test]
+    fn an_annotation_or_id_that_is_a_path_is_refused() {
+        for pod in ["/", "../..", "..", "a/b", "", "x\ny"] {
+            let b = bundle(serde_json::json!({CONTAINER_TYPE: "container", SANDBOX_ID: pod}));
+            let e = sandbox_of("c1", b.path()).unwrap_err().to_string();
+            assert!(e.starts_with("sandbox id"), "{pod:?}: {e}");
+        }
+        let b = bundle(serde_json::json!({}));
+        let e = sandbox_of("../c", b.path()).unwrap_err().to_string();
+        assert!(e.starts_with("container id"), "{e}");
     }
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use rootfs_split::{check_id, InvalidId};
+
 use crate::admin::atomic_file::{install_bytes, AtomicFileError};
 
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -27,6 +29,14 @@ pub enum RecordError {
     Write(#[from] AtomicFileError),
     #[error("reading this process's start time: {0}")]
     StartTime(String),
+    #[error(transparent)]
+    Id(#[from] InvalidId),
+    #[error("{path} is not the directory rund made for sandbox {id}: {why}; left in place")]
+    NotASandboxDir {
+        path: PathBuf,
+        id: String,
+        why: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,9 +119,56 @@ impl SandboxRecord {
     }
 }
 
+/// `run_dir/<id>`, sandbox `id`'s directory, once `id` is known to be one plain path component.
+pub fn sandbox_dir(run_dir: &Path, id: &str) -> Result<PathBuf, InvalidId> {
+    check_id("sandbox", id)?;
+    Ok(run_dir.join(id))
+}
+
 /// Whether sandbox `id` under `run_dir` is held by a live shim.
 pub fn sandbox_alive(run_dir: &Path, id: &str) -> bool {
-    matches!(SandboxRecord::read(&run_dir.join(id)), Ok(Some(r)) if r.shim_alive())
+    let Ok(dir) = sandbox_dir(run_dir, id) else {
+        return false;
+    };
+    matches!(SandboxRecord::read(&dir), Ok(Some(r)) if r.shim_alive())
+}
+
+/// Removes `dir`, sandbox `id`'s directory, with everything in it, but only if rund made it for
+/// that sandbox: its record names `id`. An empty directory goes too (a shim killed between
+/// making it and writing the record); anything else is left and named in the error.
+pub fn remove_sandbox_dir(dir: &Path, id: &str) -> Result<(), RecordError> {
+    let not_ours = |why: String| RecordError::NotASandboxDir {
+        path: dir.to_owned(),
+        id: id.to_owned(),
+        why,
+    };
+    let io = |op, source| RecordError::Io {
+        op,
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("inspecting", e)),
+        Ok(m) if !m.is_dir() => return Err(not_ours("not a directory".into())),
+        Ok(_) => {}
+    }
+    match SandboxRecord::read(dir) {
+        Ok(Some(r)) if r.sandbox_id == id => {
+            std::fs::remove_dir_all(dir).map_err(|e| io("removing", e))
+        }
+        Ok(Some(r)) => Err(not_ours(format!(
+            "its record is sandbox {:?}'s",
+            r.sandbox_id
+        ))),
+        Ok(None) => std::fs::remove_dir(dir).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
+                not_ours(format!("it holds no {RECORD_FILE} but is not empty"))
+            }
+            _ => io("removing", e),
+        }),
+        Err(e) => Err(not_ours(e.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +203,64 @@ mod tests {
         std::fs::write(dir.path().join(RECORD_FILE), b"{\"sandbox_id\":").unwrap();
         let e = SandboxRecord::read(dir.path()).unwrap_err().to_string();
         assert!(e.contains(RECORD_FILE), "{e}");
+    }
+
+    #[test]
+    fn an_id_that_is_not_one_plain_name_has_no_directory() {
+        let run = Path::new("/run/rund");
+        assert_eq!(sandbox_dir(run, "pod-1").unwrap(), run.join("pod-1"));
+        for id in ["", "/", "..", "../..", "a/b", "../etc", ".hidden", "a\0b"] {
+            let e = sandbox_dir(run, id).unwrap_err().to_string();
+            assert!(e.starts_with("sandbox id"), "{id:?}: {e}");
+            assert!(!sandbox_alive(run, id));
+        }
+    }
+
+    #[test]
+    fn only_a_directory_rund_made_for_the_sandbox_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Its own record: removed with everything in it.
+        let mine = tmp.path().join("sb1");
+        SandboxRecord::for_this_process("sb1")
+            .unwrap()
+            .write(&mine)
+            .unwrap();
+        std::fs::write(mine.join("rootfs.json"), b"{}").unwrap();
+        remove_sandbox_dir(&mine, "sb1").unwrap();
+        assert!(!mine.exists());
+        // Gone already: nothing to do.
+        remove_sandbox_dir(&mine, "sb1").unwrap();
+
+        // Another sandbox's record, no record but files, a file: each left as it was.
+        let other = tmp.path().join("sb2");
+        SandboxRecord::for_this_process("sb3")
+            .unwrap()
+            .write(&other)
+            .unwrap();
+        let e = remove_sandbox_dir(&other, "sb2").unwrap_err().to_string();
+        assert!(
+            e.contains("sandbox \"sb3\"'s") && e.contains("left in place"),
+            "{e}"
+        );
+        assert!(other.join(RECORD_FILE).exists());
+
+        let foreign = tmp.path().join("etc");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("passwd"), b"root:x:0:0").unwrap();
+        let e = remove_sandbox_dir(&foreign, "etc").unwrap_err().to_string();
+        assert!(e.contains("holds no sandbox.json but is not empty"), "{e}");
+        assert!(foreign.join("passwd").exists());
+
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = remove_sandbox_dir(&file, "f").unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+
+        // Made but killed before its record: empty, removed.
+        let empty = tmp.path().join("sb4");
+        std::fs::create_dir(&empty).unwrap();
+        remove_sandbox_dir(&empty, "sb4").unwrap();
+        assert!(!empty.exists());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use vmm::{error_chain, PreparedRestore, SerialOutput, TemplatePages, Vm, VmConfi
 use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
 use super::pod_network::{netns_path, NetworkRecord, PodNetwork, NIC_DEVICE_MAC, NIC_MTU};
-use super::record::SandboxRecord;
+use super::record::{remove_sandbox_dir, sandbox_dir, SandboxRecord};
 use super::sizing::{vm_size, VmSize};
 use super::spec::guest_spec;
 use super::template;
@@ -48,7 +48,7 @@ const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("sandbox {0}: {1}")]
-    Record(String, #[source] super::record::RecordError),
+    Record(String, super::record::RecordError),
     #[error("sizing the microVM: {0}")]
     Sizing(#[from] super::sizing::SizingError),
     #[error("{what} {path}: {source}")]
@@ -165,7 +165,7 @@ struct Held {
 }
 
 impl Held {
-    fn undo(&mut self, dir: &Path) {
+    fn undo(&mut self, dir: &Path, id: &str) {
         if let Some(vm) = self.vm.take() {
             vm.shutdown();
             let exit = vm.wait();
@@ -184,10 +184,8 @@ impl Held {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.release();
         }
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!("removing {}: {e}", dir.display());
-            }
+        if let Err(e) = remove_sandbox_dir(dir, id) {
+            warn!("{e}");
         }
     }
 }
@@ -511,7 +509,8 @@ impl Sandbox {
         spec: &Spec,
         is_cri_sandbox: bool,
     ) -> Result<(Sandbox, StartSplit), SandboxError> {
-        let dir = config.paths.run_dir.join(id);
+        let dir = sandbox_dir(&config.paths.run_dir, id)
+            .map_err(|e| SandboxError::Record(id.to_owned(), e.into()))?;
         SandboxRecord::for_this_process(id)
             .and_then(|r| r.write(&dir))
             .map_err(|e| SandboxError::Record(id.to_owned(), e))?;
@@ -537,7 +536,8 @@ impl Sandbox {
             )),
             Err(e) => {
                 let dir2 = dir.clone();
-                let _ = tokio::task::spawn_blocking(move || held.undo(&dir2)).await;
+                let id2 = id.to_owned();
+                let _ = tokio::task::spawn_blocking(move || held.undo(&dir2, &id2)).await;
                 Err(e)
             }
         }
@@ -845,7 +845,7 @@ impl Sandbox {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let dir = me.dir.clone();
-            me.lock_held().undo(&dir);
+            me.lock_held().undo(&dir, &me.id);
         })
         .await;
     }
@@ -854,7 +854,7 @@ impl Sandbox {
 /// What `containerd-shim-rund-v2 delete` does after the shim holding sandbox `id` was killed:
 /// undoes what its record names. Refuses while that shim still runs.
 pub fn cleanup_dead(config: &Config, id: &str) -> Result<bool, String> {
-    let dir = config.paths.run_dir.join(id);
+    let dir = sandbox_dir(&config.paths.run_dir, id).map_err(|e| e.to_string())?;
     let network = match SandboxRecord::read(&dir) {
         Ok(Some(r)) if r.shim_alive() => return Ok(false),
         Ok(r) => r.and_then(|r| r.network),
@@ -875,12 +875,8 @@ pub fn cleanup_dead(config: &Config, id: &str) -> Result<bool, String> {
         super::host_cgroup::reclaim_dead(config, &config.paths.run_dir)
             .map_err(|e| e.to_string())?;
     }
-    match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(format!("removing {}: {e}", dir.display()))
-        }
-        _ => Ok(true),
-    }
+    remove_sandbox_dir(&dir, id).map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -912,6 +908,32 @@ mod tests {
             "no answer from the agent to CreateContainer (ttrpc err: Request deadline elapsed); \
              the microVM runs; its vCPUs: …"
         );
+    }
+
+    #[test]
+    fn delete_removes_nothing_outside_the_sandboxes_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.paths.run_dir = tmp.path().join("run");
+        config.cgroup_pool.enabled = false;
+        std::fs::create_dir(&config.paths.run_dir).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("data"), b"precious").unwrap();
+        for id in ["../victim", "..", "/", "", "a/../../victim"] {
+            let e = cleanup_dead(&config, id).unwrap_err();
+            assert!(e.starts_with("sandbox id"), "{id:?}: {e}");
+        }
+        assert!(victim.join("data").exists());
+        assert!(config.paths.run_dir.exists());
+
+        // A directory under the run directory that no shim of rund made.
+        let stray = config.paths.run_dir.join("stray");
+        std::fs::create_dir(&stray).unwrap();
+        std::fs::write(stray.join("keep"), b"x").unwrap();
+        let e = cleanup_dead(&config, "stray").unwrap_err();
+        assert!(e.contains("left in place"), "{e}");
+        assert!(stray.join("keep").exists());
     }
 
     #[test]

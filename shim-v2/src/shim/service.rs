@@ -36,7 +36,7 @@ use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
 use containerd_shim::util::convert_to_any;
 use log::{debug, info, warn};
 use oci_spec::runtime::Spec;
-use rootfs_split::RootfsMount;
+use rootfs_split::{check_id, InvalidId, RootfsMount};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::process::{OomReports, Process, ProcessStatus, Publish};
@@ -58,6 +58,11 @@ type TtrpcResult<T> = ttrpc::Result<T>;
 
 fn rpc_error(code: ttrpc::Code, msg: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+/// An id that cannot be one plain file name: refused before it reaches a path or the guest.
+fn invalid_id(e: InvalidId) -> ttrpc::Error {
+    rpc_error(ttrpc::Code::INVALID_ARGUMENT, e)
 }
 
 fn not_found(what: impl std::fmt::Display) -> ttrpc::Error {
@@ -323,6 +328,7 @@ impl TaskService {
     }
 
     async fn create_inner(&self, req: &CreateTaskRequest) -> TtrpcResult<()> {
+        check_id("container", &req.id).map_err(invalid_id)?;
         let path = Path::new(&req.bundle).join("config.json");
         let bad = |why: String| {
             rpc_error(
@@ -361,6 +367,7 @@ impl TaskService {
 
         let (sandbox, split) = if joins {
             let pod_id = annotations.get(SANDBOX_ID).cloned().unwrap_or_default();
+            check_id("sandbox", &pod_id).map_err(invalid_id)?;
             let sandbox = self.sandbox()?;
             if sandbox.id != pod_id {
                 return Err(rpc_error(
@@ -816,6 +823,7 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        check_id("exec", &req.exec_id).map_err(invalid_id)?;
         let container = self.guest_container(&req.id, "exec")?;
         if container.init.is_stopped() {
             return Err(rpc_error(
