@@ -10,6 +10,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/rund/config.toml";
 
 /// Memory below which a guest kernel and the agent cannot start.
 pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most memory one microVM takes (guest RAM is one mapping of the shim's).
+pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -63,6 +65,9 @@ pub struct GuestConfig {
     pub default_memory_mib: u32,
     /// Added to a pod's memory limit: the guest kernel and the agent need room too.
     pub memory_overhead_mib: u32,
+    /// Upper bound on a guest's memory, overhead included, whatever a pod asks: what
+    /// `io.rund.memory-mib` may choose for a pod without a memory limit.
+    pub max_memory_mib: u32,
     /// How long the agent may take to answer after the VM starts.
     pub agent_timeout_secs: u64,
 }
@@ -77,6 +82,7 @@ impl Default for GuestConfig {
             max_vcpus: 8,
             default_memory_mib: 256,
             memory_overhead_mib: 64,
+            max_memory_mib: MAX_MEMORY_MIB,
             agent_timeout_secs: 120,
         }
     }
@@ -292,6 +298,15 @@ impl Config {
                 "below the 64 MiB a guest needs",
             ));
         }
+        if g.max_memory_mib < g.default_memory_mib.saturating_add(g.memory_overhead_mib)
+            || g.max_memory_mib > MAX_MEMORY_MIB
+        {
+            return Err(invalid(
+                "guest.max_memory_mib",
+                g.max_memory_mib.to_string(),
+                "must be between guest.default_memory_mib + guest.memory_overhead_mib and 65536",
+            ));
+        }
         if g.agent_timeout_secs == 0 {
             return Err(invalid(
                 "guest.agent_timeout_secs",
@@ -345,6 +360,13 @@ impl Config {
                     "template.keep_ready",
                     value(),
                     "memory_mib is below the 64 MiB a guest needs",
+                ));
+            }
+            if shape.memory_mib > g.max_memory_mib {
+                return Err(invalid(
+                    "template.keep_ready",
+                    value(),
+                    "memory_mib is above guest.max_memory_mib",
                 ));
             }
         }
@@ -415,6 +437,12 @@ mod tests {
                 "guest.default_memory_mib",
             ),
             ("[guest]\nkernel = \"vmlinux\"\n", "guest.kernel"),
+            ("[guest]\nmax_memory_mib = 300\n", "guest.max_memory_mib"),
+            ("[guest]\nmax_memory_mib = 70000\n", "guest.max_memory_mib"),
+            (
+                "[guest]\nmax_memory_mib = 512\n[template]\nkeep_ready = [{ vcpus = 1, memory_mib = 1024 }]\n",
+                "template.keep_ready",
+            ),
             (
                 "[writable_layer]\nsize_mib = 1\n",
                 "writable_layer.size_mib",

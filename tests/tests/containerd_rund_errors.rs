@@ -91,6 +91,63 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     let _ = cd.ctr(&["container", "delete", &id]);
     clean("memory too small");
 
+    // A guest sized above the container's own memory limit: an annotation chooses within the
+    // pod's limits, never above them (the host cgroup's limit follows the guest).
+    let id = cd.unique_id("lift", Runtime::Rund);
+    let (ok, err) = run_rund(
+        &cd,
+        &id,
+        &[
+            "--memory-limit",
+            "134217728",
+            "--annotation",
+            "io.rund.memory-mib=4096",
+        ],
+        &["true"],
+    );
+    assert!(!ok, "{test}: a 4 GiB guest started for a 128 MiB container");
+    assert!(
+        err.contains("io.rund.memory-mib=4096")
+            && err.contains("above the pod's memory limit (128 MiB)"),
+        "{test}: {err}"
+    );
+    let _ = cd.ctr(&["container", "delete", &id]);
+    clean("memory above the limit");
+
+    // A pod's container whose sandbox id is a path: a shim that took it would make, and at
+    // `delete` remove, `<run_dir>/../<victim>`. Refused; the victim keeps its file.
+    let setup = cd.rund().expect("rund's setup");
+    let victim_name = format!("rund-errors-victim-{}", std::process::id());
+    let victim = setup.config.run_dir.parent().unwrap().join(&victim_name);
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("data"), b"precious").unwrap();
+    let id = cd.unique_id("idpath", Runtime::Rund);
+    let pod = format!("io.kubernetes.cri.sandbox-id=../{victim_name}");
+    let (ok, err) = run_rund(
+        &cd,
+        &id,
+        &[
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            &pod,
+        ],
+        &["true"],
+    );
+    assert!(!ok, "{test}: a container of pod ../{victim_name} started");
+    assert!(
+        err.contains("sandbox id") && err.contains("cannot name a file"),
+        "{test}: {err}"
+    );
+    let _ = cd.ctr(&["container", "delete", &id]);
+    clean("a sandbox id that is a path");
+    assert!(
+        victim.join("data").exists(),
+        "{test}: {} was removed",
+        victim.display()
+    );
+    std::fs::remove_dir_all(&victim).unwrap();
+
     // A spec mount of a type the guest cannot mount.
     let id = cd.unique_id("nfs", Runtime::Rund);
     let (ok, err) = run_rund(
@@ -112,7 +169,6 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
 
     // The configured guest kernel is missing (the shim reads its configuration at each start).
     let missing = cd.dir().join("no-such-vmlinux");
-    let setup = cd.rund().expect("rund's setup");
     let err = run_with_guest_file(&cd, "nokernel", "kernel", &setup.config.kernel, &missing);
     assert!(
         err.contains("guest kernel") && err.contains(missing.to_str().unwrap()),
