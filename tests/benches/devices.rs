@@ -42,7 +42,7 @@ use rund_tests::initramfs::{Initramfs, BUSYBOX};
 use rund_tests::qemu::{self, Microvm};
 use rund_tests::{GuestKernel, MarkerConsole, GUEST_CMDLINE};
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig, GuestIds};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{SerialOutput, Vm, VmConfig, VmExit};
 use vsock::VsockStream;
@@ -398,6 +398,7 @@ fn rund_config(dir: &Path, initrd: &Path, socket: &Path, console: &MarkerConsole
                 // What the shim gives read-only image layers.
                 cache: CachePolicy::Always,
                 xattr: false,
+                ids: GuestIds::any(),
             })
             .expect("virtio-fs"),
         )),

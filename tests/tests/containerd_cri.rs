@@ -18,12 +18,13 @@
 //! or mount. Runs in the testbed (`ci/test`); needs root, containerd, runc, umoci and
 //! busybox-static.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use k8s_cri::v1::NamespaceMode;
 use k8s_cri::v1::{
     Capability, ContainerState, Int64Value, KeyValue, LinuxContainerConfig,
-    LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxContainerResources, LinuxContainerSecurityContext, Mount,
 };
 use rund_tests::containerd::{
     same_as_runc, start_for_test, start_for_test_with, Containerd, Options, Runtime, World,
@@ -340,6 +341,9 @@ async fn pod_on_a_hand_written_containerd_config() {
     );
 }
 
+/// A host file's owner and group.
+type Owner = (u32, u32);
+
 /// What the fields a kubelet sets did, seen from inside the containers and through CRI.
 #[derive(Debug, PartialEq)]
 struct FieldsOutcome {
@@ -348,6 +352,9 @@ struct FieldsOutcome {
     identity: Vec<String>,
     /// ExecSync in it: `id` (an exec takes the container's user).
     exec_identity: String,
+    /// The file and directory the long-running container made on its read-write host volume:
+    /// their owners on the host (the container's user, never the guest's word under rund).
+    volume_owners: (Option<Owner>, Option<Owner>),
     /// Root with capabilities added and dropped: its CapEff, CapBnd and NoNewPrivs lines.
     capabilities: Vec<String>,
     /// A container from the image without `Env`, its command absolute: exit code and log lines.
@@ -416,10 +423,19 @@ async fn fields_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> Field
             "-c",
             "id; pwd; echo \"FOO=$FOO\"; grep NoNewPrivs /proc/self/status; \
              touch /written 2>/dev/null && echo root-writable || echo root-read-only; \
+             echo mine > /vol/by-user; mkdir /vol/made; \
              exec sleep 1000",
         ],
         "main.log",
     );
+    let volume = cd.dir().join(format!("volume-{name}"));
+    std::fs::create_dir_all(&volume).expect("mkdir volume");
+    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    main.mounts = vec![Mount {
+        container_path: "/vol".into(),
+        host_path: volume.to_string_lossy().into_owned(),
+        ..Mount::default()
+    }];
     main.working_dir = "/srv/app".into();
     main.envs = vec![KeyValue {
         key: "FOO".into(),
@@ -560,6 +576,12 @@ async fn fields_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> Field
     );
 
     let identity = log_of(&log_dir, "main.log").await;
+    let owner = |name: &str| {
+        std::fs::metadata(volume.join(name))
+            .ok()
+            .map(|m| (m.uid(), m.gid()))
+    };
+    let volume_owners = (owner("by-user"), owner("made"));
     eprintln!("{rt}: StopPodSandbox with {main_id} running");
     cri.stop_pod_sandbox(&pod_id).await.expect("StopPodSandbox");
     let status = cri
@@ -578,6 +600,7 @@ async fn fields_flow(cd: &Containerd, cri: &mut CriClient, rt: Runtime) -> Field
     FieldsOutcome {
         identity,
         exec_identity: String::from_utf8_lossy(&id_out.stdout).trim().to_string(),
+        volume_owners,
         capabilities: log_of(&log_dir, "caps.log").await,
         without_env: (noenv_status.exit_code, log_of(&log_dir, "noenv.log").await),
         allocation_before_and_after_update: (before, after),
@@ -614,6 +637,7 @@ async fn kubelet_pod_fields_behave_as_under_runc() {
         runc.exec_identity,
         "uid=1000 gid=1000 groups=1000,2000,3000"
     );
+    assert_eq!(runc.volume_owners, (Some((1000, 1000)), Some((1000, 1000))));
     assert_eq!(runc.allocation_before_and_after_update, (0, 137));
     assert_eq!(runc.stats, (true, true, true));
     assert_eq!(runc.restarted, (1, ContainerState::ContainerExited, 5));

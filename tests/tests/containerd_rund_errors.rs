@@ -6,6 +6,7 @@
 //! mounts and rund's state). Needs what tests/tests/containerd_ctr.rs needs;
 //! `RUND_REQUIRE_E2E_TESTS=1` makes a skip a failure.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use rund_tests::containerd::{
@@ -113,6 +114,35 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     );
     let _ = cd.ctr(&["container", "delete", &id]);
     clean("memory above the limit");
+
+    // A root container on a read-write volume: files are made, but none setuid (the guest's
+    // kernel could forge the request; rund refuses the bit on every share), and a write clears
+    // the bit of a setuid file the host already had there.
+    let id = cd.unique_id("setuid", Runtime::Rund);
+    let volume = cd.dir().join(&id);
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("had"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(volume.join("had"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let mount = format!("type=bind,src={},dst=/v,options=rbind:rw", volume.display());
+    let script = "echo x > /v/made; chmod 4755 /v/made; echo chmod=$?; echo y >> /v/had";
+    let (ok, err) = {
+        let mut args = vec!["run", "--rm", "--runtime", Runtime::Rund.runtime_type()];
+        args.extend(["--mount", &mount, BUSYBOX_IMAGE, &id, "sh", "-c", script]);
+        eprintln!("$ ctr {}", args.join(" "));
+        let out = cd.ctr(&args).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("  -> {out:?}");
+        assert!(out.stdout.contains("chmod=1"), "{test}: {out:?}");
+        (out.success(), out.stderr)
+    };
+    assert!(ok, "{test}: {err}");
+    let mode = |name: &str| std::fs::metadata(volume.join(name)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("made") & 0o6000, 0, "{test}: a setuid file was made");
+    assert_eq!(
+        mode("had"),
+        0o755,
+        "{test}: the host's setuid bit survived a write"
+    );
+    clean("setuid on a volume");
 
     // A pod's container whose sandbox id is a path: a shim that took it would make, and at
     // `delete` remove, `<run_dir>/../<victim>`. Refused; the victim keeps its file.

@@ -19,7 +19,7 @@ use agent_protocol::{storage, AgentClient, AGENT_VSOCK_PORT};
 use rund_tests::{guest_tests_required, require_guest, GuestKernel, MarkerConsole, GUEST_CMDLINE};
 use serde_json::json;
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig, GuestIds};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{SerialOutput, Vm, VmConfig, VmHandle};
 
@@ -143,6 +143,7 @@ async fn echo_hello_through_the_agent_over_vsock() {
                 read_only: true,
                 cache: CachePolicy::Always,
                 xattr: false,
+                ids: GuestIds::any(),
             })
             .unwrap(),
         )),

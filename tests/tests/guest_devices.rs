@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rund_tests::initramfs::{Initramfs, BUSYBOX, CHECK_INIT};
 use rund_tests::{require_guest, stream, GuestKernel, MarkerConsole, GUEST_CMDLINE};
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig, GuestIds};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::testing::ProcessFootprint;
 use vmm::{SerialOutput, Vm, VmConfig, VmExit, VmHandle};
@@ -311,6 +311,7 @@ fn devices_serve_the_linux_drivers() {
                 CachePolicy::Auto
             },
             xattr: false,
+            ids: GuestIds::any(),
         })
         .unwrap()
     };

@@ -16,7 +16,8 @@ use oci_spec::runtime::Spec;
 use rootfs_split::{RootfsMount, SandboxRootfs, Share, WritableLayer};
 use templates::Template;
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig};
+use vmm::devices::virtio::fs::ids::TooManyIds;
+use vmm::devices::virtio::fs::{CachePolicy, Fs, FsConfig, GuestIds};
 use vmm::devices::virtio::net::{Net, NetConfig, Tap};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{error_chain, PreparedRestore, SerialOutput, TemplatePages, Vm, VmConfig, VmHandle};
@@ -96,6 +97,8 @@ pub enum SandboxError {
     Template(String),
     #[error("the pod's network: {0}")]
     Network(#[from] super::pod_network::PodNetworkError),
+    #[error("the process's user: {0}")]
+    Ids(#[from] TooManyIds),
 }
 
 /// How long each step of a sandbox's start took.
@@ -197,6 +200,9 @@ pub struct Sandbox {
     held: Mutex<Held>,
     size: VmSize,
     console: ConsoleTail,
+    /// The host ids the guest may make and own files as on the shares: those of the pod's
+    /// processes, added as each starts.
+    guest_ids: GuestIds,
 }
 
 pub(super) fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -284,6 +290,7 @@ pub(super) fn vm_config(
     rootfs: &SandboxRootfs,
     size: VmSize,
     tap: Option<Tap>,
+    ids: &GuestIds,
 ) -> Result<VmConfig, SandboxError> {
     let mut vm = VmConfig::new(&config.guest.kernel);
     vm.initrd = Some(config.guest.initramfs.clone());
@@ -291,7 +298,7 @@ pub(super) fn vm_config(
     vm.vcpus = size.vcpus;
     vm.mem_mib = size.memory_mib;
     vm.serial = serial(config, dir, console)?;
-    vm.devices = sandbox_devices(dir, rootfs, tap)?;
+    vm.devices = sandbox_devices(dir, rootfs, tap, ids)?;
     Ok(vm)
 }
 
@@ -328,6 +335,7 @@ fn sandbox_devices(
     dir: &Path,
     rootfs: &SandboxRootfs,
     tap: Option<Tap>,
+    ids: &GuestIds,
 ) -> Result<Vec<vmm::config::VirtioDeviceHandle>, SandboxError> {
     let device = |e: &dyn std::fmt::Display| SandboxError::Device(e.to_string());
     let share = |tag: &str, shared_dir: &Path, read_only: bool| {
@@ -341,6 +349,7 @@ fn sandbox_devices(
                 CachePolicy::Auto
             },
             xattr: false,
+            ids: ids.clone(),
         })
         .map_err(|e| device(&e))
     };
@@ -523,7 +532,7 @@ impl Sandbox {
         let console = ConsoleTail::new();
         let up = Self::bring_up(&config, id, spec, is_cri_sandbox, &dir, &console, &mut held);
         match up.await {
-            Ok((agent, size, split)) => Ok((
+            Ok((agent, size, split, guest_ids)) => Ok((
                 Sandbox {
                     id: id.to_owned(),
                     dir,
@@ -531,6 +540,7 @@ impl Sandbox {
                     held: Mutex::new(held),
                     size,
                     console,
+                    guest_ids,
                 },
                 split,
             )),
@@ -551,7 +561,9 @@ impl Sandbox {
         dir: &Path,
         console: &ConsoleTail,
         held: &mut Held,
-    ) -> Result<(AgentClient, VmSize, StartSplit), SandboxError> {
+    ) -> Result<(AgentClient, VmSize, StartSplit, GuestIds), SandboxError> {
+        // Nobody's ids until the pod's first process is allowed (`allow_user`).
+        let guest_ids = GuestIds::none();
         let mut split = StartSplit::default();
         let size = vm_size(spec, &config.guest)?;
         readable("guest kernel", &config.guest.kernel)?;
@@ -626,7 +638,7 @@ impl Sandbox {
         if let Some((_, p)) = &template {
             split.prepare = p.took;
         }
-        let vm = vm_config(config, dir, console, &rootfs, size, tap);
+        let vm = vm_config(config, dir, console, &rootfs, size, tap, &guest_ids);
         held.rootfs = Some(rootfs);
         let vm = vm?;
         split.from_template = template.is_some();
@@ -718,7 +730,7 @@ impl Sandbox {
                 tokio::task::spawn_blocking(move || template::keep_ready(&c, except, &home));
             }
         }
-        Ok((agent, size, split))
+        Ok((agent, size, split, guest_ids))
     }
 
     pub fn agent(&self) -> Arc<AgentClient> {
@@ -751,6 +763,15 @@ impl Sandbox {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Lets the guest make and own files on the shares as `user`, whom one of the pod's
+    /// processes is about to run as.
+    pub fn allow_user(&self, user: &oci_spec::runtime::User) -> Result<(), SandboxError> {
+        let groups = user.additional_gids().clone().unwrap_or_default();
+        Ok(self
+            .guest_ids
+            .allow_process(user.uid(), user.gid(), &groups)?)
+    }
+
     /// Creates container `cid` in the guest: its layers and volumes shared, its spec turned into
     /// the guest's.
     pub async fn create_container(
@@ -760,6 +781,9 @@ impl Sandbox {
         rootfs: Vec<RootfsMount>,
         terminal: bool,
     ) -> Result<(), SandboxError> {
+        if let Some(p) = spec.process() {
+            self.allow_user(p.user())?;
+        }
         let me = self.clone();
         let (cid2, spec2) = (cid.to_owned(), spec.clone());
         let (lowers, mut guest) = blocking(move || {

@@ -846,6 +846,17 @@ impl Task for TaskService {
             p["terminal"] = serde_json::Value::Bool(req.terminal);
             process_json = serde_json::to_vec(&p).unwrap_or(process_json);
         }
+        // The exec may run as a user of its own: the guest may then own files as it too.
+        let process: oci_spec::runtime::Process =
+            serde_json::from_slice(&process_json).map_err(|e| {
+                rpc_error(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("exec {}: its process spec: {e}", req.exec_id),
+                )
+            })?;
+        self.sandbox()?
+            .allow_user(process.user())
+            .map_err(|e| rpc_error(ttrpc::Code::INVALID_ARGUMENT, e))?;
         {
             let mut execs = container.execs.lock().unwrap_or_else(|e| e.into_inner());
             if execs.contains_key(&req.exec_id) {

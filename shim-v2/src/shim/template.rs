@@ -20,6 +20,7 @@ use log::{info, warn};
 use rootfs_split::{SandboxRootfs, WritableLayer};
 use templates::memory_fs::MemoryFs;
 use templates::{FileIdentity, Template, TemplateInputs, TemplateStore};
+use vmm::devices::virtio::fs::GuestIds;
 use vmm::{error_chain, Vm};
 
 use super::console::ConsoleTail;
@@ -150,7 +151,16 @@ fn snapshot_template_vm(
     let rootfs = SandboxRootfs::create(&work, &id, &layer)?;
     let console = ConsoleTail::new();
     let result = (|| {
-        let vm = vm_config(config, &work, &console, &rootfs, size, None)?;
+        // A template's guest never mounts its shares (a restore brings the sandbox's own).
+        let vm = vm_config(
+            config,
+            &work,
+            &console,
+            &rootfs,
+            size,
+            None,
+            &GuestIds::none(),
+        )?;
         let handle = Vm::new(vm)
             .and_then(Vm::start)
             .map_err(|e| SandboxError::Vm(error_chain(&e)))?;

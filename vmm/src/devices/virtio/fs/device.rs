@@ -12,6 +12,7 @@ use virtio_queue::DescriptorChain;
 
 use super::filesystem::ShareFs;
 use super::guard::{self, Verdict};
+use super::ids::GuestIds;
 use super::{
     features, FS_DEVICE_ID, HIPRIO_QUEUE_SIZE, NUM_REQUEST_QUEUES, REQUEST_QUEUE_SIZE, TAG_LEN,
 };
@@ -80,6 +81,8 @@ pub struct FsConfig {
     pub cache: CachePolicy,
     /// Serve extended attributes (ENOSYS otherwise, which the guest kernel then stops asking).
     pub xattr: bool,
+    /// The host ids the guest may create and own files as (see [`GuestIds`]).
+    pub ids: GuestIds,
 }
 
 /// Errors making a virtio-fs device.
@@ -276,7 +279,7 @@ impl Fs {
             ..Default::default()
         };
         let fs = PassthroughFs::<()>::new(cfg)?;
-        Ok(Server::new(ShareFs::new(fs, c.read_only)))
+        Ok(Server::new(ShareFs::new(fs, c.read_only, c.ids.clone())))
     }
 
     /// Serves every available request on every queue, then interrupts the driver once if any

@@ -14,7 +14,16 @@
 //!   `.` or `..` where an entry is made, removed or renamed;
 //! - no device nodes: MKNOD of a character or block device is refused (`EPERM`), since the VMM
 //!   runs as root and a device node in a host directory is a host-side hazard even if the
-//!   passthrough never opens it;
+//!   passthrough never opens it (FIFOs and sockets stay: containers of one pod meet over them
+//!   in a shared volume, and the host never opens them either);
+//! - credentials are the host's: a request's uid and gid must be ones [`GuestIds`] allows
+//!   before anything is created as them, and a SETATTR may only give a file to an allowed owner
+//!   or group (`EPERM` otherwise);
+//! - no set-id files: nothing is created or chmodded setuid, nor setgid unless it is a
+//!   directory (group inheritance); and every write, truncation and fallocate runs without
+//!   `CAP_FSETID`, so the kernel clears the bits of a set-id file already on the host whatever
+//!   FUSE's KILLPRIV flags the guest sends; no file capabilities (`security.capability`) and no
+//!   `trusted.*` attributes are set;
 //! - what is not delegated (locks, ioctl, DAX mappings, bmap, poll) keeps the trait's `ENOSYS`.
 
 use std::ffi::CStr;
@@ -28,12 +37,67 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::ids::GuestIds;
+
 fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn eperm() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+/// `EPERM` for a mode that makes a set-id file: setuid always, setgid unless on a directory.
+pub fn check_mode(mode: u32, is_dir: bool) -> io::Result<()> {
+    if mode & libc::S_ISUID != 0 || (mode & libc::S_ISGID != 0 && !is_dir) {
+        return Err(eperm());
+    }
+    Ok(())
+}
+
+/// `EPERM` for an extended attribute that grants privilege on the host: file capabilities, and
+/// the `trusted.*` namespace only root reads (overlayfs's whiteouts and redirects live there).
+pub fn check_xattr_name(name: &CStr) -> io::Result<()> {
+    let b = name.to_bytes();
+    if b == b"security.capability" || b.starts_with(b"trusted.") {
+        return Err(eperm());
+    }
+    Ok(())
+}
+
+/// While held, this thread's effective capabilities lack `CAP_FSETID`, so the kernel clears
+/// the setuid and setgid bits of a file the request writes or truncates, as it would for any
+/// unprivileged writer (the VMM runs as root).
+struct WithoutFsetid {
+    restore: bool,
+}
+
+impl WithoutFsetid {
+    fn new() -> io::Result<WithoutFsetid> {
+        use caps::{CapSet, Capability};
+        let had = caps::has_cap(None, CapSet::Effective, Capability::CAP_FSETID)
+            .map_err(io::Error::other)?;
+        if had {
+            caps::drop(None, CapSet::Effective, Capability::CAP_FSETID)
+                .map_err(io::Error::other)?;
+        }
+        Ok(WithoutFsetid { restore: had })
+    }
+}
+
+impl Drop for WithoutFsetid {
+    fn drop(&mut self) {
+        if self.restore {
+            if let Err(e) = caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_FSETID)
+            {
+                log::error!("virtio-fs: restoring CAP_FSETID after a write: {e}");
+            }
+        }
+    }
 }
 
 /// A name the guest may look up: one non-empty path component without `/`. `.` and `..` are
@@ -67,12 +131,18 @@ pub fn open_flags_write(flags: u32) -> bool {
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     read_only: bool,
+    ids: GuestIds,
 }
 
 impl ShareFs {
-    /// Wraps `inner`; with `read_only` nothing the guest sends can change the share.
-    pub fn new(inner: PassthroughFs<()>, read_only: bool) -> Self {
-        ShareFs { inner, read_only }
+    /// Wraps `inner`; with `read_only` nothing the guest sends can change the share; files are
+    /// made and owned only as `ids` allows.
+    pub fn new(inner: PassthroughFs<()>, read_only: bool, ids: GuestIds) -> Self {
+        ShareFs {
+            inner,
+            read_only,
+            ids,
+        }
     }
 
     /// Whether mutations are refused.
@@ -86,6 +156,18 @@ impl ShareFs {
         } else {
             Ok(())
         }
+    }
+
+    /// What a request that makes an entry must pass: a writable share, a name, allowed ids.
+    fn may_create(&self, ctx: &Context, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        check_entry_name(name)?;
+        self.ids.check(ctx.uid, ctx.gid)
+    }
+
+    fn is_dir(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> io::Result<bool> {
+        let (st, _) = self.inner.getattr(ctx, inode, handle)?;
+        Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
     }
 }
 
@@ -144,6 +226,20 @@ impl FileSystem for ShareFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
+        if valid.contains(SetattrValid::MODE) && attr.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            check_mode(attr.st_mode, self.is_dir(ctx, inode, handle)?)?;
+        }
+        if (valid.contains(SetattrValid::UID) && !self.ids.allows_uid(attr.st_uid))
+            || (valid.contains(SetattrValid::GID) && !self.ids.allows_gid(attr.st_gid))
+        {
+            return Err(eperm());
+        }
+        let _no_fsetid = if valid.contains(SetattrValid::SIZE) {
+            Some(WithoutFsetid::new()?)
+        } else {
+            None
+        };
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -158,8 +254,7 @@ impl FileSystem for ShareFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.writable()?;
-        check_entry_name(name)?;
+        self.may_create(ctx, name)?;
         // The target is text the host never follows (every open is O_NOFOLLOW relative to an
         // inode fd), so it may name anything.
         self.inner.symlink(ctx, linkname, parent, name)
@@ -174,10 +269,10 @@ impl FileSystem for ShareFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.writable()?;
-        check_entry_name(name)?;
+        self.may_create(ctx, name)?;
+        check_mode(mode, false)?;
         match mode & libc::S_IFMT {
-            libc::S_IFCHR | libc::S_IFBLK => Err(io::Error::from_raw_os_error(libc::EPERM)),
+            libc::S_IFCHR | libc::S_IFBLK => Err(eperm()),
             _ => self.inner.mknod(ctx, inode, name, mode, rdev, umask),
         }
     }
@@ -190,8 +285,8 @@ impl FileSystem for ShareFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.writable()?;
-        check_entry_name(name)?;
+        self.may_create(ctx, name)?;
+        check_mode(mode, true)?;
         self.inner.mkdir(ctx, parent, name, mode, umask)
     }
 
@@ -241,6 +336,11 @@ impl FileSystem for ShareFs {
         if self.read_only && open_flags_write(flags) {
             return Err(erofs());
         }
+        let _no_fsetid = if flags as i32 & libc::O_TRUNC != 0 {
+            Some(WithoutFsetid::new()?)
+        } else {
+            None
+        };
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -251,8 +351,10 @@ impl FileSystem for ShareFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        self.writable()?;
-        check_entry_name(name)?;
+        self.may_create(ctx, name)?;
+        check_mode(args.mode, false)?;
+        // CREATE opens the file if it is there already, truncating it if asked.
+        let _no_fsetid = WithoutFsetid::new()?;
         self.inner.create(ctx, parent, name, args)
     }
 
@@ -285,6 +387,7 @@ impl FileSystem for ShareFs {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        let _no_fsetid = WithoutFsetid::new()?;
         self.inner.write(
             ctx,
             inode,
@@ -317,6 +420,7 @@ impl FileSystem for ShareFs {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        let _no_fsetid = WithoutFsetid::new()?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -352,6 +456,7 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
+        check_xattr_name(name)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 

@@ -5,6 +5,7 @@
 //!
 //! - [`filesystem`]: [`ShareFs`], the `FileSystem` the server calls: the passthrough filesystem
 //!   behind read-only enforcement and name checks (the crate's own checks are not relied on alone).
+//! - [`ids`]: [`GuestIds`], the host ids a guest's requests may act as (never the guest's word).
 //! - [`guard`]: checks every raw FUSE message before the server parses it: header and argument
 //!   sizes, the length the guest claims, names (NUL, `/`), opcodes the crate would mishandle,
 //!   mutating opcodes in read-only mode, and room for the reply.
@@ -27,11 +28,13 @@ pub mod device;
 mod event_handler;
 pub mod filesystem;
 pub mod guard;
+pub mod ids;
 #[cfg(test)]
 mod tests;
 
 pub use device::{CachePolicy, Fs, FsConfig, FsError, FsState};
 pub use filesystem::ShareFs;
+pub use ids::GuestIds;
 
 /// The virtio device ID of a filesystem device.
 pub const FS_DEVICE_ID: u32 = 26;

@@ -15,7 +15,9 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, CachePolicy, Fs, FsConfig, FsError, FsState, FS_DEVICE_ID, TAG_LEN};
+use super::{
+    features, CachePolicy, Fs, FsConfig, FsError, FsState, GuestIds, FS_DEVICE_ID, TAG_LEN,
+};
 use crate::devices::virtio::test_utils::{activate, QueueDriver, N, R, W};
 use crate::devices::virtio::{DeviceStateError, VirtioDevice};
 use crate::memory::GuestRamMap;
@@ -70,11 +72,14 @@ struct Harness {
     share: tempfile::TempDir,
     outside: tempfile::TempDir,
     unique: u64,
+    /// The uid and gid the guest writes into each request's header.
+    creds: (u32, u32),
 }
 
 struct Opts {
     read_only: bool,
     xattr: bool,
+    ids: GuestIds,
     cache: CachePolicy,
     acked: u64,
 }
@@ -84,6 +89,7 @@ impl Default for Opts {
         Opts {
             read_only: true,
             xattr: false,
+            ids: GuestIds::any(),
             cache: CachePolicy::Auto,
             acked: 0,
         }
@@ -114,6 +120,7 @@ impl Harness {
             read_only: o.read_only,
             cache: o.cache,
             xattr: o.xattr,
+            ids: o.ids,
         })
         .unwrap();
         let irq = activate(&mut dev, &mem, &[&hi, &rq], o.acked);
@@ -126,6 +133,7 @@ impl Harness {
             share,
             outside,
             unique: 0,
+            creds: (0, 0),
         }
     }
 
@@ -154,8 +162,8 @@ impl Harness {
             opcode,
             unique: self.unique,
             nodeid,
-            uid: 0,
-            gid: 0,
+            uid: self.creds.0,
+            gid: self.creds.1,
             pid: 1,
             padding: 0,
         };
@@ -1599,6 +1607,7 @@ fn new_refuses_bad_configs() {
         read_only: true,
         cache: CachePolicy::Always,
         xattr: false,
+        ids: GuestIds::any(),
     };
     assert!(matches!(
         Fs::new(cfg("", dir.path())),
@@ -1667,6 +1676,7 @@ fn state_round_trips_and_refuses_a_mounted_share() {
             read_only: ro,
             cache,
             xattr: false,
+            ids: GuestIds::any(),
         })
         .unwrap()
     };
@@ -1725,6 +1735,7 @@ mod transport {
                 read_only: true,
                 cache: CachePolicy::Always,
                 xattr: false,
+                ids: GuestIds::any(),
             })
             .unwrap(),
         ));
@@ -1822,4 +1833,235 @@ mod transport {
             rq.clear();
         }
     }
+}
+
+fn create_args(name: &[u8], mode: u32) -> Vec<u8> {
+    [
+        obj(CreateIn {
+            flags: (libc::O_RDWR | libc::O_CREAT | libc::O_EXCL) as u32,
+            mode: libc::S_IFREG | mode,
+            umask: 0,
+            fuse_flags: 0,
+        }),
+        cz(name),
+    ]
+    .concat()
+}
+
+fn mkdir_args(name: &[u8], mode: u32) -> Vec<u8> {
+    [obj(MkdirIn { mode, umask: 0 }), cz(name)].concat()
+}
+
+fn setattr_args(valid: SetattrValid, f: impl FnOnce(&mut SetattrIn)) -> Vec<u8> {
+    let mut a = SetattrIn {
+        valid: valid.bits(),
+        ..Default::default()
+    };
+    f(&mut a);
+    obj(a)
+}
+
+#[test]
+fn files_are_made_and_owned_only_as_the_ids_the_host_allows() {
+    let ids = GuestIds::none();
+    ids.allow_process(1000, 1000, &[2000]).unwrap();
+    let mut h = Harness::new(Opts {
+        read_only: false,
+        ids: ids.clone(),
+        ..Default::default()
+    });
+    // A volume the pod's user may write to (host permissions still count).
+    std::fs::set_permissions(h.share.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    h.init();
+    let before = h.tree();
+    // The guest says it is root: the pod never runs as root, so nothing is made.
+    let fifo = [
+        obj(MknodIn {
+            mode: libc::S_IFIFO | 0o644,
+            ..Default::default()
+        }),
+        cz(b"p"),
+    ]
+    .concat();
+    for (what, op, args) in [
+        ("create", Opcode::Create, create_args(b"r", 0o644)),
+        ("mkdir", Opcode::Mkdir, mkdir_args(b"d", 0o755)),
+        ("mknod", Opcode::Mknod, fifo),
+        (
+            "symlink",
+            Opcode::Symlink,
+            [cz(b"s"), cz(b"file.txt")].concat(),
+        ),
+    ] {
+        assert_eq!(h.call(op, ROOT_ID, &args).errno, libc::EPERM, "{what}");
+    }
+    // An allowed uid with a group the pod does not have.
+    h.creds = (1000, 0);
+    assert_eq!(
+        h.call(Opcode::Create, ROOT_ID, &create_args(b"r", 0o644))
+            .errno,
+        libc::EPERM
+    );
+    assert_eq!(h.tree(), before, "nothing was made");
+
+    // The pod's own ids: made, and owned by them on the host.
+    h.creds = (1000, 2000);
+    let body = h.ok(Opcode::Create, ROOT_ID, &create_args(b"mine", 0o644));
+    let e: EntryOut = parse(&body);
+    let md = std::fs::metadata(h.host("mine")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1000, 2000));
+
+    // A SETATTR gives a file only to an allowed owner and group.
+    for (valid, uid, gid) in [
+        (SetattrValid::UID, 0, 0),
+        (SetattrValid::GID, 1000, 0),
+        (SetattrValid::UID | SetattrValid::GID, 4242, 1000),
+    ] {
+        let args = setattr_args(valid, |a| {
+            a.uid = uid;
+            a.gid = gid;
+        });
+        assert_eq!(
+            h.call(Opcode::Setattr, e.nodeid, &args).errno,
+            libc::EPERM,
+            "chown {uid}:{gid}"
+        );
+    }
+    let md = std::fs::metadata(h.host("mine")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1000, 2000));
+    let args = setattr_args(SetattrValid::GID, |a| a.gid = 1000);
+    h.ok(Opcode::Setattr, e.nodeid, &args);
+    assert_eq!(std::fs::metadata(h.host("mine")).unwrap().gid(), 1000);
+
+    // Once one of the pod's processes runs as root, any id counts, as under runc.
+    ids.allow_process(0, 0, &[]).unwrap();
+    h.creds = (0, 0);
+    h.ok(Opcode::Mkdir, ROOT_ID, &mkdir_args(b"rootdir", 0o755));
+    let md = std::fs::metadata(h.host("rootdir")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (0, 0));
+}
+
+#[test]
+fn no_set_id_file_is_made_and_writes_clear_the_bits_of_one_already_there() {
+    let mut h = Harness::new(Opts {
+        read_only: false,
+        xattr: true,
+        ..Default::default()
+    });
+    h.init();
+    let before = h.tree();
+    let suid_reg = [
+        obj(MknodIn {
+            mode: libc::S_IFREG | libc::S_ISUID | 0o755,
+            ..Default::default()
+        }),
+        cz(b"n"),
+    ]
+    .concat();
+    for (what, op, args) in [
+        (
+            "create setuid",
+            Opcode::Create,
+            create_args(b"u", libc::S_ISUID | 0o755),
+        ),
+        (
+            "create setgid",
+            Opcode::Create,
+            create_args(b"g", libc::S_ISGID | 0o755),
+        ),
+        ("mknod setuid", Opcode::Mknod, suid_reg),
+        (
+            "mkdir setuid",
+            Opcode::Mkdir,
+            mkdir_args(b"d", libc::S_ISUID | 0o755),
+        ),
+    ] {
+        assert_eq!(h.call(op, ROOT_ID, &args).errno, libc::EPERM, "{what}");
+    }
+    assert_eq!(h.tree(), before, "nothing was made");
+
+    // chmod u+s or g+s of a file is refused; g+s of a directory (group inheritance) is not.
+    let f = h.lookup(ROOT_ID, b"file.txt").unwrap();
+    for bits in [libc::S_ISUID, libc::S_ISGID] {
+        let args = setattr_args(SetattrValid::MODE, |a| {
+            a.mode = libc::S_IFREG | bits | 0o755
+        });
+        assert_eq!(
+            h.call(Opcode::Setattr, f.nodeid, &args).errno,
+            libc::EPERM,
+            "{bits:o}"
+        );
+    }
+    let dir = h.lookup(ROOT_ID, b"dir").unwrap();
+    let args = setattr_args(SetattrValid::MODE, |a| {
+        a.mode = libc::S_IFDIR | libc::S_ISGID | 0o775
+    });
+    h.ok(Opcode::Setattr, dir.nodeid, &args);
+    let mode = std::fs::metadata(h.host("dir")).unwrap().mode();
+    assert_eq!(mode & 0o7777, libc::S_ISGID | 0o775);
+    h.ok(
+        Opcode::Mkdir,
+        ROOT_ID,
+        &mkdir_args(b"sgid", libc::S_ISGID | 0o755),
+    );
+
+    // No file capabilities, no trusted.* attributes.
+    for name in [&b"security.capability"[..], b"trusted.overlay.opaque"] {
+        let args = [
+            obj(SetxattrIn { size: 1, flags: 0 }),
+            cz(name),
+            b"y".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            h.call(Opcode::Setxattr, f.nodeid, &args).errno,
+            libc::EPERM,
+            "{name:?}"
+        );
+    }
+
+    // Set-id files the host already had: a write, a truncation and a fallocate each clear
+    // the bits, whatever KILLPRIV flags the guest sends (here none).
+    let set_id = |h: &Harness, name: &str| {
+        std::fs::write(h.host(name), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(h.host(name), std::fs::Permissions::from_mode(0o6755)).unwrap();
+    };
+    let bits = |h: &Harness, name: &str| std::fs::metadata(h.host(name)).unwrap().mode() & 0o7777;
+    set_id(&h, "w");
+    set_id(&h, "t");
+    set_id(&h, "a");
+    assert_eq!(bits(&h, "w"), 0o6755);
+    let w = h.lookup(ROOT_ID, b"w").unwrap();
+    let fh = h.open(w.nodeid, libc::O_RDWR).unwrap();
+    let args = [
+        obj(WriteIn {
+            fh,
+            offset: 0,
+            size: 2,
+            ..Default::default()
+        }),
+        b"#!".to_vec(),
+    ]
+    .concat();
+    h.ok(Opcode::Write, w.nodeid, &args);
+    h.release(w.nodeid, fh, Opcode::Release);
+    assert_eq!(bits(&h, "w"), 0o755, "a write clears setuid and setgid");
+
+    let t = h.lookup(ROOT_ID, b"t").unwrap();
+    let args = setattr_args(SetattrValid::SIZE, |a| a.size = 0);
+    h.ok(Opcode::Setattr, t.nodeid, &args);
+    assert_eq!(bits(&h, "t"), 0o755, "a truncation clears them");
+
+    let a = h.lookup(ROOT_ID, b"a").unwrap();
+    let fh = h.open(a.nodeid, libc::O_RDWR).unwrap();
+    let args = obj(FallocateIn {
+        fh,
+        offset: 0,
+        length: 4096,
+        mode: 0,
+        padding: 0,
+    });
+    h.ok(Opcode::Fallocate, a.nodeid, &args);
+    h.release(a.nodeid, fh, Opcode::Release);
+    assert_eq!(bits(&h, "a"), 0o755, "a fallocate clears them");
 }
