@@ -16,6 +16,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod guest_log;
 pub mod host_check;
 pub mod loader;
 pub mod memory;

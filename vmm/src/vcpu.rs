@@ -569,14 +569,14 @@ impl Vcpu {
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     if !self.mmio.read(addr, data) {
-                        log::warn!("vCPU {index}: read of unmapped MMIO {addr:#x}");
+                        crate::guest_warn!("vCPU {index}: read of unmapped MMIO {addr:#x}");
                         data.fill(0xff);
                     }
                     Next::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     if !self.mmio.write(addr, data) {
-                        log::warn!("vCPU {index}: write to unmapped MMIO {addr:#x} ignored");
+                        crate::guest_warn!("vCPU {index}: write to unmapped MMIO {addr:#x} ignored");
                     }
                     Next::Continue
                 }

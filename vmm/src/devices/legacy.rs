@@ -139,7 +139,7 @@ impl BusDevice for SerialConsole {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (1, Ok(off)) = (data.len(), u8::try_from(offset)) {
             if let Err(e) = self.uart.write(off, data[0]) {
-                log::warn!("serial console: {e:?}");
+                crate::guest_warn!("serial console: {e:?}");
             }
         }
     }

@@ -41,7 +41,7 @@ impl ActiveQueues {
     /// Tells the driver that used rings moved.
     pub fn signal_used_ring(&self) {
         if let Err(e) = self.interrupt.signal_used_ring() {
-            log::error!("{}: cannot signal the used ring: {e}", self.device);
+            crate::guest_error!("{}: cannot signal the used ring: {e}", self.device);
         }
     }
 }
@@ -302,7 +302,7 @@ impl VirtioCommon {
     /// The control eventfd joins the event loop (from the device's `MutEventSubscriber::init`).
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            log::error!(
+            crate::guest_error!(
                 "{}: cannot register the control eventfd: {e:?}",
                 self.device
             );
@@ -340,7 +340,7 @@ impl VirtioCommon {
     fn sync_registrations(&mut self, ops: &mut EventOps) -> bool {
         for fd in self.retired.drain(..) {
             if let Err(e) = ops.remove(Events::new(&fd, EventSet::IN)) {
-                log::warn!("{}: cannot unregister a queue notifier: {e:?}", self.device);
+                crate::guest_warn!("{}: cannot unregister a queue notifier: {e:?}", self.device);
             }
         }
         let Some(active) = self.active.as_ref().filter(|_| !self.registered) else {
@@ -349,7 +349,7 @@ impl VirtioCommon {
         for (i, q) in active.queues.iter().enumerate().filter(|_| !self.external) {
             let events = Events::with_data(&q.notify, i as u32, EventSet::IN);
             if let Err(e) = ops.add(events) {
-                log::error!(
+                crate::guest_error!(
                     "{}: cannot register queue {i}'s notifier: {e:?}",
                     self.device
                 );
@@ -361,7 +361,7 @@ impl VirtioCommon {
 
     fn wake_event_loop(&self) {
         if let Err(e) = self.control.write(1) {
-            log::error!("{}: cannot wake the event loop: {e}", self.device);
+            crate::guest_error!("{}: cannot wake the event loop: {e}", self.device);
         }
     }
 }
@@ -382,7 +382,7 @@ pub fn serve_queue(
     let mut idle_rounds = 0;
     loop {
         if let Err(e) = q.disable_notification(mem) {
-            log::warn!("{what}: cannot disable notifications: {e}");
+            crate::guest_warn!("{what}: cannot disable notifications: {e}");
             break;
         }
         let mut progressed = false;
@@ -398,7 +398,7 @@ pub fn serve_queue(
                     progressed = true;
                     match q.add_used(mem, head, len) {
                         Ok(()) => used = true,
-                        Err(e) => log::warn!("{what}: cannot return chain {head}: {e}"),
+                        Err(e) => crate::guest_warn!("{what}: cannot return chain {head}: {e}"),
                     }
                 }
                 None => {
@@ -421,12 +421,12 @@ pub fn serve_queue(
                 // apart without spinning forever on a hostile index.
                 idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
                 if idle_rounds > 1 {
-                    log::warn!("{what}: available ring index is invalid; queue stalled");
+                    crate::guest_warn!("{what}: available ring index is invalid; queue stalled");
                     break;
                 }
             }
             Err(e) => {
-                log::warn!("{what}: cannot enable notifications: {e}");
+                crate::guest_warn!("{what}: cannot enable notifications: {e}");
                 break;
             }
         }

@@ -318,7 +318,7 @@ impl MmioTransport {
             reg::QUEUE_NUM | reg::QUEUE_READY | reg::QUEUE_DESC_LOW..=reg::QUEUE_DEVICE_HIGH => {
                 self.write_queue_register(offset, v)
             }
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "virtio-mmio: write {v:#x} to read-only or unknown register {offset:#x} ignored"
             ),
         }
@@ -326,14 +326,16 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, v: u32) {
         if self.status & (status::DRIVER | status::FEATURES_OK) != status::DRIVER {
-            log::warn!("virtio-mmio: driver features written outside negotiation; ignored");
+            crate::guest_warn!("virtio-mmio: driver features written outside negotiation; ignored");
             return;
         }
         let shift = match self.driver_features_sel {
             0 => 0,
             1 => 32,
             sel => {
-                log::warn!("virtio-mmio: driver features page {sel} does not exist; ignored");
+                crate::guest_warn!(
+                    "virtio-mmio: driver features page {sel} does not exist; ignored"
+                );
                 return;
             }
         };
@@ -345,7 +347,7 @@ impl MmioTransport {
 
     fn write_queue_register(&mut self, offset: u64, v: u32) {
         if !self.queue_writable() {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: queue {} register {offset:#x} written while not configurable; ignored",
                 self.queue_select
             );
@@ -357,7 +359,7 @@ impl MmioTransport {
         match offset {
             reg::QUEUE_NUM => {
                 if let Err(e) = q.try_set_size(v.min(u32::from(u16::MAX)) as u16) {
-                    log::warn!("virtio-mmio: queue size {v}: {e}; ignored");
+                    crate::guest_warn!("virtio-mmio: queue size {v}: {e}; ignored");
                 }
             }
             reg::QUEUE_READY => q.set_ready(v == 1),
@@ -367,7 +369,7 @@ impl MmioTransport {
             reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
             reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
             reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
-            _ => log::warn!("virtio-mmio: register {offset:#x} is not a queue register"),
+            _ => crate::guest_warn!("virtio-mmio: register {offset:#x} is not a queue register"),
         }
     }
 
@@ -377,7 +379,7 @@ impl MmioTransport {
             Some(evt) if self.activated => {
                 let _ = evt.write(1);
             }
-            _ => log::warn!("virtio-mmio: notification of queue {index} ignored"),
+            _ => crate::guest_warn!("virtio-mmio: notification of queue {index} ignored"),
         }
     }
 
@@ -394,7 +396,9 @@ impl MmioTransport {
         let old = self.status;
         let added = v & !old;
         if v & old != old || added.count_ones() != 1 {
-            log::warn!("virtio-mmio: status {old:#x} -> {v:#x} is not one step forward; ignored");
+            crate::guest_warn!(
+                "virtio-mmio: status {old:#x} -> {v:#x} is not one step forward; ignored"
+            );
             return;
         }
         let allowed = match added {
@@ -405,14 +409,14 @@ impl MmioTransport {
             _ => false,
         };
         if !allowed {
-            log::warn!("virtio-mmio: status {old:#x} -> {v:#x} out of order; ignored");
+            crate::guest_warn!("virtio-mmio: status {old:#x} -> {v:#x} out of order; ignored");
             return;
         }
         match added {
             FEATURES_OK => {
                 if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
                     // The driver reads Status back and sees FEATURES_OK missing: negotiation failed.
-                    log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                    crate::guest_warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
                     return;
                 }
                 lock(&self.device).set_acked_features(self.acked_features);
@@ -431,14 +435,16 @@ impl MmioTransport {
         let mut device_queues = Vec::with_capacity(self.queues.len());
         for (i, (q, evt)) in self.queues.iter().zip(&self.notify).enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} does not fit guest memory; device needs reset");
+                crate::guest_warn!(
+                    "virtio-mmio: queue {i} does not fit guest memory; device needs reset"
+                );
                 self.needs_reset();
                 return;
             }
             let notify = match evt.try_clone() {
                 Ok(e) => e,
                 Err(e) => {
-                    log::error!("virtio-mmio: cannot clone queue {i}'s eventfd: {e}");
+                    crate::guest_error!("virtio-mmio: cannot clone queue {i}'s eventfd: {e}");
                     self.needs_reset();
                     return;
                 }
@@ -446,7 +452,7 @@ impl MmioTransport {
             let queue = match Queue::try_from(q.state()) {
                 Ok(queue) => queue,
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {i}: {e}; device needs reset");
+                    crate::guest_warn!("virtio-mmio: queue {i}: {e}; device needs reset");
                     self.needs_reset();
                     return;
                 }
@@ -458,7 +464,7 @@ impl MmioTransport {
             Ok(()) => self.activated = true,
             Err(e) => {
                 drop(device);
-                log::warn!("{e}; device needs reset");
+                crate::guest_warn!("{e}; device needs reset");
                 self.needs_reset();
             }
         }
@@ -494,7 +500,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte read at {offset:#x} is not an aligned 32-bit access",
                 data.len()
             );
@@ -507,14 +513,16 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
             if self.status & status::DRIVER_OK == 0 && self.status & status::DRIVER == 0 {
-                log::warn!("virtio-mmio: config write before the driver is attached; ignored");
+                crate::guest_warn!(
+                    "virtio-mmio: config write before the driver is attached; ignored"
+                );
                 return;
             }
             lock(&self.device).write_config(offset - reg::CONFIG, data);
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte write at {offset:#x} is not an aligned 32-bit access",
                 data.len()
             );

@@ -208,14 +208,14 @@ where
 fn write_status(mem: &GuestRamMap, addr: GuestAddress, st: u8) {
     // The parser checked the address; a failure here means guest memory changed under us.
     if let Err(e) = mem.write_obj(st, addr) {
-        log::warn!("virtio-blk: cannot write the status byte: {e}");
+        crate::guest_warn!("virtio-blk: cannot write the status byte: {e}");
     }
 }
 
 /// Runs a parsed request; returns the data bytes written into guest memory, or the error status.
 fn execute(disk: &Disk, acked: u64, mem: &GuestRamMap, req: &Request) -> Result<u32, u8> {
     let io_err = |what: &str, e: io::Error| {
-        log::warn!("virtio-blk: {what} failed: {e}");
+        crate::guest_warn!("virtio-blk: {what} failed: {e}");
         status::IOERR
     };
     // Sector numbers were checked against the capacity, so these offsets fit.
@@ -297,7 +297,7 @@ fn guest_slices<'m>(
     for seg in segs {
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
             slices.push(slice.map_err(|e| {
-                log::warn!("virtio-blk: guest memory of a checked request: {e}");
+                crate::guest_warn!("virtio-blk: guest memory of a checked request: {e}");
                 status::IOERR
             })?);
         }

@@ -94,7 +94,7 @@ impl Drop for WithoutFsetid {
         if self.restore {
             if let Err(e) = caps::raise(None, caps::CapSet::Effective, caps::Capability::CAP_FSETID)
             {
-                log::error!("virtio-fs: restoring CAP_FSETID after a write: {e}");
+                crate::guest_error!("virtio-fs: restoring CAP_FSETID after a write: {e}");
             }
         }
     }

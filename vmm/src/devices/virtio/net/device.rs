@@ -346,7 +346,7 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::warn!("virtio-net: reading tap {}: {e}", tap.name());
+                        crate::guest_warn!("virtio-net: reading tap {}: {e}", tap.name());
                         break;
                     }
                 }
@@ -441,7 +441,7 @@ fn deliver(
     let give_back = |q: &mut Queue, bufs: &[RxBuffer], extra: Option<u16>| {
         for head in bufs.iter().map(|b| b.head).chain(extra) {
             if let Err(e) = q.add_used(mem, head, 0) {
-                log::warn!("virtio-net rx: cannot return chain {head}: {e}");
+                crate::guest_warn!("virtio-net rx: cannot return chain {head}: {e}");
             }
         }
     };
@@ -477,12 +477,12 @@ fn deliver(
         let written = match b.write(mem, &frame[at..at + take]) {
             Ok(()) => take,
             Err(e) => {
-                log::warn!("virtio-net rx: writing a checked buffer: {e}");
+                crate::guest_warn!("virtio-net rx: writing a checked buffer: {e}");
                 0
             }
         };
         if let Err(e) = q.add_used(mem, b.head, written as u32) {
-            log::warn!("virtio-net rx: cannot return chain {}: {e}", b.head);
+            crate::guest_warn!("virtio-net rx: cannot return chain {}: {e}", b.head);
         }
         at += take;
     }
@@ -557,7 +557,7 @@ impl VirtioDevice for Net {
             match VhostDataPath::start(&mem, &queues, tap, self.common.acked_features(), calls) {
                 Ok(path) => self.vhost = Some(path),
                 Err(e) => {
-                    log::warn!(
+                    crate::guest_warn!(
                         "{}; virtio-net falls back to the user-space path",
                         crate::error_chain(&e)
                     );

@@ -18,7 +18,7 @@ impl MutEventSubscriber for Net {
         if self.data_path() == DataPath::Vhost {
             for call in self.calls() {
                 if let Err(e) = ops.add(Events::new(call, EventSet::IN)) {
-                    log::error!("virtio-net: cannot register a vhost call eventfd: {e:?}");
+                    crate::guest_error!("virtio-net: cannot register a vhost call eventfd: {e:?}");
                 }
             }
         } else {
@@ -64,7 +64,9 @@ impl Net {
             let events = Events::new_raw(tap.as_raw_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED);
             match ops.add(events) {
                 Ok(()) => self.tap_registered = true,
-                Err(e) => log::error!("virtio-net: cannot register tap {}: {e:?}", tap.name()),
+                Err(e) => {
+                    crate::guest_error!("virtio-net: cannot register tap {}: {e:?}", tap.name())
+                }
             }
         }
     }

@@ -155,7 +155,7 @@ impl VhostDataPath {
                 .map_err(ioctl("NET_SET_BACKEND"))?;
             // Chains made available before the handover (a restore's) were kicked to no one.
             if let Err(e) = q.notify.write(1) {
-                log::warn!("vhost-net: kicking queue {i}: {e}");
+                crate::guest_warn!("vhost-net: kicking queue {i}: {e}");
             }
         }
         Ok(path)
@@ -172,7 +172,7 @@ impl Drop for VhostDataPath {
         // Detached before the fd closes, so that the kernel stops touching guest memory now.
         for i in 0..self.queues {
             if let Err(e) = vhost::net::VhostNet::set_backend(&self.net, i, None) {
-                log::warn!("vhost-net: detaching queue {i}: {e}");
+                crate::guest_warn!("vhost-net: detaching queue {i}: {e}");
             }
         }
     }

@@ -517,7 +517,7 @@ impl Connection {
         match buf.write_header(mem, &hdr) {
             Ok(n) => Some(n),
             Err(e) => {
-                log::warn!("virtio-vsock: cannot write a header: {e}");
+                crate::guest_warn!("virtio-vsock: cannot write a header: {e}");
                 Some(0)
             }
         }

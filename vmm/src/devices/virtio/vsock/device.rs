@@ -219,7 +219,7 @@ fn deliver_reset(q: &mut Queue, mem: &GuestRamMap) -> Option<bool> {
         log::debug!("virtio-vsock: unusable event buffer; transport reset not delivered");
     }
     if let Err(e) = q.add_used(mem, head, len) {
-        log::warn!("virtio-vsock: event: cannot return chain {head}: {e}");
+        crate::guest_warn!("virtio-vsock: event: cannot return chain {head}: {e}");
     }
     Some(ok)
 }

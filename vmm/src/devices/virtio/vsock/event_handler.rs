@@ -12,7 +12,7 @@ impl MutEventSubscriber for Vsock {
         self.common.init(ops);
         let epoll = self.muxer.epoll_fd();
         if let Err(e) = ops.add(Events::new_raw(epoll, EventSet::IN)) {
-            log::error!("virtio-vsock: cannot register its epoll set: {e:?}");
+            crate::guest_error!("virtio-vsock: cannot register its epoll set: {e:?}");
         }
     }
 

@@ -265,7 +265,7 @@ impl Muxer {
         let tick = self.timeouts.tick;
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
-            Err(e) => log::error!("virtio-vsock: cannot arm the deadline timer: {e}"),
+            Err(e) => crate::guest_error!("virtio-vsock: cannot arm the deadline timer: {e}"),
         }
     }
 
@@ -283,7 +283,7 @@ impl Muxer {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("virtio-vsock: epoll_wait failed: {e}");
+                    crate::guest_error!("virtio-vsock: epoll_wait failed: {e}");
                     return;
                 }
             };
@@ -309,16 +309,18 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and the like: leave the rest in the backlog for the next wake-up.
-                    log::warn!("virtio-vsock: accept failed: {e}");
+                    crate::guest_warn!("virtio-vsock: accept failed: {e}");
                     return;
                 }
             };
             if self.conns.len() + self.handshakes.len() >= self.max_connections {
-                log::warn!("virtio-vsock: connection limit reached; closing a host connection");
+                crate::guest_warn!(
+                    "virtio-vsock: connection limit reached; closing a host connection"
+                );
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                log::warn!("virtio-vsock: cannot make a host stream nonblocking: {e}");
+                crate::guest_warn!("virtio-vsock: cannot make a host stream nonblocking: {e}");
                 continue;
             }
             let token = self.token();
@@ -328,7 +330,7 @@ impl Muxer {
                 EventSet::IN,
                 token,
             ) {
-                log::warn!("virtio-vsock: cannot watch a host stream: {e}");
+                crate::guest_warn!("virtio-vsock: cannot watch a host stream: {e}");
                 continue;
             }
             let deadline = Instant::now() + self.timeouts.handshake;
@@ -380,7 +382,7 @@ impl Muxer {
             return;
         };
         let Some(local_port) = self.allocate_port(req.port) else {
-            log::warn!("virtio-vsock: no free host port; closing a host connection");
+            crate::guest_warn!("virtio-vsock: no free host port; closing a host connection");
             return;
         };
         let deadline = Instant::now() + self.timeouts.connect;
@@ -453,7 +455,7 @@ impl Muxer {
             Ok(()) => {
                 self.registered.insert(token, want);
             }
-            Err(e) => log::warn!("virtio-vsock: cannot update a host socket's events: {e}"),
+            Err(e) => crate::guest_warn!("virtio-vsock: cannot update a host socket's events: {e}"),
         }
         if has_rx && self.in_rx_ready.insert(token) {
             self.rx_ready.push_back(token);
@@ -609,7 +611,7 @@ impl Muxer {
     pub fn recv_for_guest(&mut self, buf: &RxBuffer, mem: &GuestRamMap) -> Option<u32> {
         if let Some(hdr) = self.rsts.pop_front() {
             return Some(buf.write_header(mem, &hdr).unwrap_or_else(|e| {
-                log::warn!("virtio-vsock: cannot write a header: {e}");
+                crate::guest_warn!("virtio-vsock: cannot write a header: {e}");
                 0
             }));
         }
