@@ -1,6 +1,7 @@
 //! The guest console's last bytes, kept in memory for every sandbox so that a guest that never
 //! brings its agent up can be explained in the error containerd's client sees; with debug logging
-//! the whole console also goes to a file.
+//! the console also goes to a file, up to [`FILE_BYTES`] (the guest writes it, and `/run` is
+//! memory).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -10,6 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// How much of the console is kept: enough for a panic's message and the lines before it.
 const KEPT_BYTES: usize = 16 * 1024;
+
+/// How much of the console the file takes; what comes after is in the tail only.
+pub const FILE_BYTES: u64 = 8 << 20;
+
+/// The file's last line once it is full.
+const FILE_FULL: &[u8] = b"\n[rund: the console log is full; later output is not kept here]\n";
 
 /// A handle on one guest console's tail; clones share it.
 #[derive(Clone, Default)]
@@ -33,6 +40,7 @@ impl ConsoleTail {
         Ok(ConsoleWriter {
             tail: self.clone(),
             file,
+            file_left: FILE_BYTES,
         })
     }
 
@@ -55,6 +63,8 @@ impl ConsoleTail {
 pub struct ConsoleWriter {
     tail: ConsoleTail,
     file: Option<File>,
+    /// Bytes the file may still take.
+    file_left: u64,
 }
 
 impl Write for ConsoleWriter {
@@ -67,7 +77,14 @@ impl Write for ConsoleWriter {
             kept.drain(..excess);
         }
         if let Some(file) = self.file.as_mut() {
-            file.write_all(buf)?;
+            let room = usize::try_from(self.file_left).unwrap_or(usize::MAX);
+            let take = buf.len().min(room);
+            file.write_all(&buf[..take])?;
+            self.file_left -= take as u64;
+            if take < buf.len() {
+                file.write_all(FILE_FULL)?;
+                self.file = None;
+            }
         }
         Ok(buf.len())
     }
@@ -112,5 +129,26 @@ mod tests {
         w.flush().unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(tail.last_lines(3), "a\na\na");
+    }
+
+    #[test]
+    fn the_file_stops_at_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let tail = ConsoleTail::new();
+        let mut w = tail.writer(Some(&path)).unwrap();
+        // A guest writing 3x the bound, in lines and in one large write.
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..3 * (FILE_BYTES >> 20) {
+            w.write_all(&chunk).unwrap();
+        }
+        w.write_all(b"\nthe end\n").unwrap();
+        w.flush().unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, FILE_BYTES + FILE_FULL.len() as u64);
+        let text = std::fs::read(&path).unwrap();
+        assert!(text.ends_with(FILE_FULL));
+        // The tail still has the end.
+        assert_eq!(tail.last_lines(1), "the end");
     }
 }

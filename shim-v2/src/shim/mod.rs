@@ -8,6 +8,7 @@
 //! - `delete` (run by containerd after a shim died): undoes what the dead shim's sandbox held,
 //!   from its records under `/run/rund/<sandbox-id>/`.
 
+pub mod agent_reports;
 pub mod console;
 pub mod host_cgroup;
 pub mod pod_network;

@@ -22,6 +22,7 @@ use vmm::devices::virtio::net::{Net, NetConfig, Tap};
 use vmm::devices::virtio::vsock::Vsock;
 use vmm::{error_chain, PreparedRestore, SerialOutput, TemplatePages, Vm, VmConfig, VmHandle};
 
+use super::agent_reports::OnceLog;
 use super::console::ConsoleTail;
 use super::host_cgroup::{host_resources, HostCgroup};
 use super::pod_network::{netns_path, NetworkRecord, PodNetwork, NIC_DEVICE_MAC, NIC_MTU};
@@ -203,6 +204,9 @@ pub struct Sandbox {
     /// The host ids the guest may make and own files as on the shares: those of the pod's
     /// processes, added as each starts.
     guest_ids: GuestIds,
+    started: Instant,
+    /// Which of the agent's lies were logged already.
+    lies: Arc<OnceLog>,
 }
 
 pub(super) fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -541,6 +545,8 @@ impl Sandbox {
                     size,
                     console,
                     guest_ids,
+                    started: Instant::now(),
+                    lies: Arc::default(),
                 },
                 split,
             )),
@@ -739,6 +745,16 @@ impl Sandbox {
 
     pub fn size(&self) -> VmSize {
         self.size
+    }
+
+    /// How long the sandbox has run.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The agent's lies logged so far: one line per kind and sandbox.
+    pub fn lies(&self) -> Arc<OnceLog> {
+        self.lies.clone()
     }
 
     /// Tops the cgroup pool up, off the start path.

@@ -39,6 +39,7 @@ use oci_spec::runtime::Spec;
 use rootfs_split::{check_id, InvalidId, RootfsMount};
 use tokio::sync::Mutex as AsyncMutex;
 
+use super::agent_reports::{checked_stats, Lie, ReportPace, REPORT_BURST, REPORT_INTERVAL};
 use super::process::{OomReports, Process, ProcessStatus, Publish};
 use super::sandbox::{Sandbox, SandboxError};
 use super::spec::guest_spec;
@@ -276,11 +277,19 @@ impl TaskService {
 
     /// Forwards the agent's OOM events for as long as the sandbox lives, but for a kill an exit
     /// reported already, and for a container this shim no longer has.
-    fn forward_oom_events(&self, agent: Arc<AgentClient>) {
+    fn forward_oom_events(&self, sandbox: Arc<Sandbox>) {
         let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
         let pod = self.pod.clone();
+        let agent = sandbox.agent();
         tokio::spawn(async move {
+            // The events are the guest's: however fast it answers, the shim asks (and
+            // publishes) at a bounded rate.
+            let mut pace = ReportPace::new(REPORT_BURST, REPORT_INTERVAL);
             loop {
+                let wait = pace.wait_before_next(Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 match agent
                     .get_oom_event(
                         ::ttrpc::context::with_timeout(0),
@@ -296,7 +305,12 @@ impl TaskService {
                             .get(&ev.container_id)
                             .cloned();
                         let Some(container) = container else {
-                            debug!("OOM event of unknown container {}", ev.container_id);
+                            sandbox.lies().warn(&sandbox.id, Lie::UnknownContainer, || {
+                                format!(
+                                    "reported an OOM kill in {:?}, a container this pod does not have",
+                                    ev.container_id
+                                )
+                            });
                             continue;
                         };
                         let mut reports = container.oom.lock().await;
@@ -391,7 +405,7 @@ impl TaskService {
                 .map_err(|e| sandbox_error(format!("sandbox {}", req.id), e))?;
             let sandbox = Arc::new(sandbox);
             self.pod().sandbox = Some(sandbox.clone());
-            self.forward_oom_events(sandbox.agent());
+            self.forward_oom_events(sandbox.clone());
             (sandbox, Some(split))
         };
 
@@ -934,11 +948,22 @@ impl Task for TaskService {
         let _ = self.guest_container(&req.id, "stats")?;
         let mut r = ContainerRequest::new();
         r.container_id = req.id.clone();
-        let s = self
-            .agent()?
+        let sandbox = self.sandbox()?;
+        let s = sandbox
+            .agent()
             .stats_container(agent_ctx(), &r)
             .await
             .map_err(|e| self.agent_failure("StatsContainer", e))?;
+        let (s, wrong) = checked_stats(s, sandbox.size(), sandbox.age());
+        if !wrong.is_empty() {
+            sandbox.lies().warn(&sandbox.id, Lie::ImpossibleStats, || {
+                format!(
+                    "reported impossible statistics of {} ({}): bounded by the guest's size",
+                    req.id,
+                    wrong.join(", ")
+                )
+            });
+        }
         let entry = |usage, max, limit, failcnt| {
             MessageField::some(MemoryEntry {
                 usage,

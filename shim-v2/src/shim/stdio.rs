@@ -126,6 +126,17 @@ async fn copy_out(
         };
         match resp {
             Ok(r) if r.eof => break,
+            // The guest's answer: more than asked is a lie, and the stream ends with it (once
+            // per stream, so the log holds one line for it).
+            Ok(r) if r.data.len() > req.len as usize => {
+                warn!(
+                    "{container_id}/{exec_id}: the agent answered a {stream:?} read of {} bytes \
+                     with {}; the stream ends here",
+                    req.len,
+                    r.data.len()
+                );
+                break;
+            }
             Ok(r) => {
                 if let Err(e) = fifo.write_all(&r.data).await {
                     warn!("{container_id}/{exec_id}: writing {}: {e}", path.display());
