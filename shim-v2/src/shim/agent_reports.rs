@@ -55,10 +55,8 @@ impl ReportPace {
 pub enum Lie {
     /// An OOM event for a container the pod does not have.
     UnknownContainer = 1,
-    /// More output than the shim asked for.
-    OversizedChunk = 2,
     /// Statistics beyond the guest's size or age.
-    ImpossibleStats = 4,
+    ImpossibleStats = 2,
 }
 
 /// Remembers which [`Lie`]s were logged already.
@@ -160,9 +158,9 @@ mod tests {
         let log = OnceLog::default();
         assert!(log.first(Lie::UnknownContainer));
         assert!(!log.first(Lie::UnknownContainer));
-        assert!(log.first(Lie::OversizedChunk));
         assert!(log.first(Lie::ImpossibleStats));
-        assert!(!log.first(Lie::OversizedChunk));
+        assert!(!log.first(Lie::ImpossibleStats));
+        assert!(!log.first(Lie::UnknownContainer));
     }
 
     #[test]

@@ -37,6 +37,7 @@ use containerd_shim::util::convert_to_any;
 use log::{debug, info, warn};
 use oci_spec::runtime::Spec;
 use rootfs_split::{check_id, InvalidId, RootfsMount};
+use serde::Deserialize;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::agent_reports::{checked_stats, Lie, ReportPace, REPORT_BURST, REPORT_INTERVAL};
@@ -277,10 +278,10 @@ impl TaskService {
 
     /// Forwards the agent's OOM events for as long as the sandbox lives, but for a kill an exit
     /// reported already, and for a container this shim no longer has.
-    fn forward_oom_events(&self, sandbox: Arc<Sandbox>) {
+    fn forward_oom_events(&self, sandbox: &Sandbox) {
         let (publisher, namespace) = (self.publisher.clone(), self.namespace.clone());
         let pod = self.pod.clone();
-        let agent = sandbox.agent();
+        let (agent, sandbox_id, lies) = (sandbox.agent(), sandbox.id.clone(), sandbox.lies());
         tokio::spawn(async move {
             // The events are the guest's: however fast it answers, the shim asks (and
             // publishes) at a bounded rate.
@@ -305,7 +306,7 @@ impl TaskService {
                             .get(&ev.container_id)
                             .cloned();
                         let Some(container) = container else {
-                            sandbox.lies().warn(&sandbox.id, Lie::UnknownContainer, || {
+                            lies.warn(&sandbox_id, Lie::UnknownContainer, || {
                                 format!(
                                     "reported an OOM kill in {:?}, a container this pod does not have",
                                     ev.container_id
@@ -405,7 +406,7 @@ impl TaskService {
                 .map_err(|e| sandbox_error(format!("sandbox {}", req.id), e))?;
             let sandbox = Arc::new(sandbox);
             self.pod().sandbox = Some(sandbox.clone());
-            self.forward_oom_events(sandbox.clone());
+            self.forward_oom_events(&sandbox);
             (sandbox, Some(split))
         };
 
@@ -854,20 +855,20 @@ impl Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let mut process_json = spec.value.clone();
-        // containerd's spec says whether a terminal is wanted; the request is what counts.
-        if let Ok(mut p) = serde_json::from_slice::<serde_json::Value>(&process_json) {
-            p["terminal"] = serde_json::Value::Bool(req.terminal);
-            process_json = serde_json::to_vec(&p).unwrap_or(process_json);
-        }
-        // The exec may run as a user of its own: the guest may then own files as it too.
-        let process: oci_spec::runtime::Process =
-            serde_json::from_slice(&process_json).map_err(|e| {
-                rpc_error(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("exec {}: its process spec: {e}", req.exec_id),
-                )
-            })?;
+        // One parse: the process spec as the agent gets it (the request's terminal, not the
+        // spec's, counts) and as the shim reads its user (the guest may own files as it too).
+        let bad_spec = |e: serde_json::Error| {
+            rpc_error(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("exec {}: its process spec: {e}", req.exec_id),
+            )
+        };
+        let mut process_value: serde_json::Value =
+            serde_json::from_slice(&spec.value).map_err(bad_spec)?;
+        let process = oci_spec::runtime::Process::deserialize(&process_value).map_err(bad_spec)?;
+        // An object: a process spec deserialised from it.
+        process_value["terminal"] = serde_json::Value::Bool(req.terminal);
+        let process_json = serde_json::to_vec(&process_value).map_err(bad_spec)?;
         self.sandbox()?
             .allow_user(process.user())
             .map_err(|e| rpc_error(ttrpc::Code::INVALID_ARGUMENT, e))?;

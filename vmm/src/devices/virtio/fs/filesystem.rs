@@ -47,7 +47,7 @@ fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
 
-fn eperm() -> io::Error {
+pub(super) fn eperm() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
 
@@ -86,6 +86,12 @@ impl WithoutFsetid {
                 .map_err(io::Error::other)?;
         }
         Ok(WithoutFsetid { restore: had })
+    }
+
+    /// One only if `needed`: a request that can change no file's content keeps its capabilities
+    /// (each drop and restore costs the request three `capget`/`capset` calls).
+    fn when(needed: bool) -> io::Result<Option<WithoutFsetid>> {
+        needed.then(WithoutFsetid::new).transpose()
     }
 }
 
@@ -235,11 +241,7 @@ impl FileSystem for ShareFs {
         {
             return Err(eperm());
         }
-        let _no_fsetid = if valid.contains(SetattrValid::SIZE) {
-            Some(WithoutFsetid::new()?)
-        } else {
-            None
-        };
+        let _no_fsetid = WithoutFsetid::when(valid.contains(SetattrValid::SIZE))?;
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -336,11 +338,7 @@ impl FileSystem for ShareFs {
         if self.read_only && open_flags_write(flags) {
             return Err(erofs());
         }
-        let _no_fsetid = if flags as i32 & libc::O_TRUNC != 0 {
-            Some(WithoutFsetid::new()?)
-        } else {
-            None
-        };
+        let _no_fsetid = WithoutFsetid::when(flags as i32 & libc::O_TRUNC != 0)?;
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -354,7 +352,7 @@ impl FileSystem for ShareFs {
         self.may_create(ctx, name)?;
         check_mode(args.mode, false)?;
         // CREATE opens the file if it is there already, truncating it if asked.
-        let _no_fsetid = WithoutFsetid::new()?;
+        let _no_fsetid = WithoutFsetid::when(args.flags as i32 & libc::O_TRUNC != 0)?;
         self.inner.create(ctx, parent, name, args)
     }
 

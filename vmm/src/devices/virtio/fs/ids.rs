@@ -12,6 +12,8 @@ use std::collections::BTreeSet;
 use std::io;
 use std::sync::{Arc, RwLock};
 
+use super::filesystem::eperm;
+
 /// The most distinct uids (and, apart, gids) a pod's processes may name; a spec's supplementary
 /// groups are the pod author's list, so even this set has a bound.
 pub const MAX_IDS: usize = 4096;
@@ -38,10 +40,6 @@ pub struct TooManyIds {
     pub what: &'static str,
     /// How many there would have been.
     pub count: usize,
-}
-
-fn eperm() -> io::Error {
-    io::Error::from_raw_os_error(libc::EPERM)
 }
 
 impl GuestIds {
